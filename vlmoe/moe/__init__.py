@@ -1,0 +1,11 @@
+"""Sparse Mixture-of-Experts layers: router -> experts -> layer."""
+
+from .config import MoEConfig
+from .experts import Dispatch, Experts, FeedForward
+from .layer import MoELayer, MoEOutput, moe_scope
+from .router import ExpertChoiceRouter, Router, RouterOutput, TokenChoiceRouter, build_router
+
+__all__ = [
+    "Dispatch", "ExpertChoiceRouter", "Experts", "FeedForward", "MoEConfig", "MoELayer", "MoEOutput",
+    "Router", "RouterOutput", "TokenChoiceRouter", "build_router", "moe_scope",
+]

@@ -1,0 +1,258 @@
+"""The sparse MoE layer: router -> experts (+ optional always-on shared experts).
+
+Notable choices:
+- The constructor takes timm's MLP contract (``in_features, hidden_features, out_features,
+  act_layer, norm_layer, bias, drop, device, dtype``) plus ``config`` and ``causal``, so a
+  timm ``Block(mlp_layer=partial(MoELayer, config=...))`` builds it, and it replaces a
+  transformers MLP module as it is (``forward(x) -> x``-shaped tensor).
+- ``forward(x, modality)`` returns a tensor like any MLP; ``forward_with_aux`` returns a
+  ``MoEOutput`` with the aux losses and routing statistics. Inside a model, ``moe_scope``
+  hands the per-position modality to every MoE layer and collects their outputs for the
+  duration of one forward, then clears both: nothing outlives the call.
+- Aux losses: the Switch load-balancing loss (Fedus et al. 2021, eq. 4, in the top-k form
+  transformers' ``load_balancing_loss_func`` uses) computed per modality over the experts the
+  modality may use and averaged over the modalities present; the router z-loss
+  (Zoph et al. 2022, ST-MoE eq. 5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MoEConfig
+from .experts import Experts, FeedForward
+from .router import RouterOutput, TokenChoiceRouter, build_router
+
+
+@dataclass
+class MoEOutput:
+    """What one MoE layer returns for one call. Statistics are detached; losses are not.
+
+    Attributes:
+        hidden_states: the layer output, shaped like the input.
+        router_logits: ``(T, E)`` float32.
+        load_balance_loss: scalar, averaged over the modalities present.
+        z_loss: scalar router z-loss.
+        load: ``(M, E)`` fraction of each modality's assignments that went to each expert.
+        load_balance: ``(M,)`` the load-balancing loss of each modality (0 where absent).
+        entropy: ``(M,)`` mean router entropy (nats) over each modality's positions.
+        dropped: ``(M,)`` fraction of each modality's assignments dropped over capacity.
+        tokens: ``(M,)`` positions of each modality.
+    """
+
+    hidden_states: Tensor
+    router_logits: Tensor
+    load_balance_loss: Tensor
+    z_loss: Tensor
+    load: Tensor
+    load_balance: Tensor
+    entropy: Tensor
+    dropped: Tensor
+    tokens: Tensor
+
+
+# Activation modules by class name: torch's and transformers' (ACT2FN) spellings.
+_ACTIVATION_BY_CLASS = {
+    "SiLU": "silu", "SiLUActivation": "silu",
+    "GELUActivation": "gelu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
+}
+
+
+def _activation_name(act) -> str:
+    """The expert activation matching a torch/transformers activation module, class or partial."""
+    if not isinstance(act, nn.Module):
+        act = act()
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    name = _ACTIVATION_BY_CLASS.get(type(act).__name__)
+    if name is None:
+        raise ValueError(f"act_layer={type(act).__name__}: MoE experts support GELU (exact or tanh) and SiLU")
+    return name
+
+
+class MoELayer(nn.Module):
+    """A drop-in replacement for a transformer MLP whose router picks experts per position."""
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer=None,
+        norm_layer=None,
+        bias: bool | None = None,
+        drop: float = 0.0,
+        *,
+        config: MoEConfig | None = None,
+        causal: bool = False,
+        activation: str | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if norm_layer is not None:
+            raise ValueError("norm_layer: MoELayer has no norm inside the MLP; build the block without it")
+        config = config or MoEConfig()
+        dd = {"device": device, "dtype": dtype}
+        hidden_features = hidden_features or 4 * in_features
+        out_features = out_features or in_features
+        if activation is None and act_layer is not None and config.expert_type == "gelu":
+            activation = _activation_name(act_layer)
+        self.config = config
+        self.causal = causal
+        self.router = build_router(in_features, config, causal, **dd)
+        self.experts = Experts(
+            config.num_experts, in_features, hidden_features, out_features, config.expert_type,
+            bias=bias, activation=activation, implementation=config.implementation, **dd,
+        )
+        self.shared_experts = None
+        if config.num_shared_experts:
+            self.shared_experts = FeedForward(
+                in_features, hidden_features * config.num_shared_experts, out_features, config.expert_type,
+                bias=bias, activation=self.experts.activation, **dd,
+            )
+        self.drop = nn.Dropout(drop)
+        self.register_buffer(
+            "experts_allowed", torch.tensor(config.allowed_experts(), device=device).sum(-1), persistent=False
+        )
+        self._scope: tuple[Tensor | int | None, list[MoEOutput]] | None = None
+
+    def forward(self, x: Tensor, modality: Tensor | int | None = None) -> Tensor:
+        out = self.forward_with_aux(x, modality)
+        if self._scope is not None:
+            self._scope[1].append(out)
+        return out.hidden_states
+
+    def forward_with_aux(self, x: Tensor, modality: Tensor | int | None = None) -> MoEOutput:
+        """``x``: ``(..., D)``; ``modality``: ints broadcastable to ``x.shape[:-1]`` (default 0)."""
+        if modality is None and self._scope is not None:
+            modality = self._scope[0]
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (T, D)
+        modality = self._modality(modality, shape[:-1], x.device)  # (T,)
+        router_out = self.router(x, modality)
+        dispatch, positions, experts, dropped = self.router.dispatch(router_out)
+        y = self.experts(x, dispatch)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        y = self.drop(y).view(*shape[:-1], -1)
+        return self._output(y, router_out, modality, positions, experts, dropped)
+
+    def _modality(self, modality: Tensor | int | None, lead_shape: torch.Size, device: torch.device) -> Tensor:
+        if modality is None:
+            modality = 0
+        modality = torch.as_tensor(modality, device=device, dtype=torch.long)
+        return modality.expand(lead_shape).reshape(-1)
+
+    def _output(
+        self, y: Tensor, router_out: RouterOutput, modality: Tensor, positions: Tensor, experts: Tensor, dropped: Tensor
+    ) -> MoEOutput:
+        num_modalities, num_experts = self.config.num_modalities, self.config.num_experts
+        logits, probs = router_out.logits, router_out.probs
+        tokens = torch.bincount(modality, minlength=num_modalities)  # (M,)
+        per_tokens = tokens.clamp(min=1).unsqueeze(-1).float()
+        counts = torch.bincount(modality[positions] * num_experts + experts, minlength=num_modalities * num_experts)
+        counts = counts.view(num_modalities, num_experts).float()  # (M, E) assignments before drops
+        if isinstance(self.router, TokenChoiceRouter):
+            mean_prob = probs.new_zeros(num_modalities, num_experts).index_add_(0, modality, probs) / per_tokens
+            load_balance = self.experts_allowed * ((counts / per_tokens) * mean_prob).sum(-1)  # (M,)
+            present = tokens > 0
+            load_balance_loss = load_balance[present].mean()
+        else:  # expert choice balances load by construction
+            load_balance = probs.new_zeros(num_modalities)
+            load_balance_loss = probs.new_zeros(())
+        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        with torch.no_grad():
+            assignments = counts.sum(-1).clamp(min=1)
+            entropy = torch.special.entr(probs).sum(-1)
+            entropy = entropy.new_zeros(num_modalities).index_add_(0, modality, entropy) / per_tokens.squeeze(-1)
+            dropped = torch.bincount(modality[dropped], minlength=num_modalities).float() / assignments
+            load = counts / assignments.unsqueeze(-1)
+        return MoEOutput(
+            y, logits, load_balance_loss, z_loss, load, load_balance.detach(), entropy, dropped, tokens
+        )
+
+    def aux_loss(self, out: MoEOutput) -> Tensor:
+        """The weighted aux loss this layer adds to the training loss."""
+        return self.config.aux_loss_weight * out.load_balance_loss + self.config.z_loss_weight * out.z_loss
+
+    @classmethod
+    def from_dense(
+        cls, mlp: nn.Module, config: MoEConfig, causal: bool = False, noise_std: float = 0.0
+    ) -> "MoELayer":
+        """Upcycle a dense MLP: every expert starts as a copy of it.
+
+        Accepts a timm ``Mlp`` (GELU experts), a transformers Llama-style MLP
+        (``gate_proj``/``up_proj``/``down_proj``, SwiGLU experts) or a ``FeedForward``; the
+        expert type follows the dense MLP. Shared experts start at zero output. With token
+        choice, renormalised top-k and no capacity drops, the new layer computes exactly what
+        ``mlp`` did until ``noise_std`` (relative Gaussian noise per expert) or training moves it.
+        """
+        fc_in_w, fc_in_b, fc_out_w, fc_out_b, expert_type, activation = _dense_weights(mlp)
+        config = dataclasses.replace(config, expert_type=expert_type)
+        layer = cls(
+            fc_in_w.shape[1], fc_out_w.shape[1], fc_out_w.shape[0], bias=fc_in_b is not None, config=config,
+            causal=causal, activation=activation, device=fc_in_w.device, dtype=fc_in_w.dtype,
+        )
+        with torch.no_grad():
+            pairs = [(layer.experts.in_proj, fc_in_w), (layer.experts.out_proj, fc_out_w)]
+            if fc_in_b is not None:
+                pairs += [(layer.experts.in_bias, fc_in_b), (layer.experts.out_bias, fc_out_b)]
+            for param, dense in pairs:
+                param.copy_(dense.unsqueeze(0).expand_as(param))
+                if noise_std > 0:
+                    param.add_(torch.randn_like(param) * noise_std * dense.std())
+            if layer.shared_experts is not None:
+                nn.init.zeros_(layer.shared_experts.fc_out.weight)
+                if layer.shared_experts.fc_out.bias is not None:
+                    nn.init.zeros_(layer.shared_experts.fc_out.bias)
+        return layer
+
+
+def _dense_weights(mlp: nn.Module):
+    """``(in_w, in_b, out_w, out_b, expert_type, activation)`` of a supported dense MLP."""
+    if isinstance(mlp, FeedForward):
+        expert_type = "swiglu" if mlp.gated else "gelu"
+        return (mlp.fc_in.weight, mlp.fc_in.bias, mlp.fc_out.weight, mlp.fc_out.bias, expert_type, mlp.activation)
+    if all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")):
+        activation = _activation_name(getattr(mlp, "act_fn", nn.SiLU()))
+        in_w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0)
+        in_b = None
+        if mlp.gate_proj.bias is not None:
+            in_b = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias], dim=0)
+        return in_w, in_b, mlp.down_proj.weight, mlp.down_proj.bias, "swiglu", activation
+    if hasattr(mlp, "fc1") and hasattr(mlp, "fc2") and isinstance(mlp.fc1, nn.Linear):
+        if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+            raise ValueError(f"cannot upcycle {type(mlp).__name__}: it has a norm inside the MLP")
+        return mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, "gelu", _activation_name(mlp.act)
+    raise ValueError(
+        f"cannot upcycle {type(mlp).__name__}: expected a timm Mlp (fc1/act/fc2), a Llama-style MLP "
+        "(gate_proj/up_proj/down_proj) or a vlmoe FeedForward"
+    )
+
+
+@contextmanager
+def moe_scope(module: nn.Module, modality: Tensor | int | None = None) -> Iterator[list[MoEOutput]]:
+    """Give every MoE layer inside ``module`` this modality and collect their outputs.
+
+    ``modality`` must broadcast to the leading shape of the inputs those layers see. Yields the
+    list the layers append their ``MoEOutput`` to, in call order. Restores the previous scope
+    on exit, so scopes nest.
+    """
+    layers = {id(m): m for m in module.modules() if isinstance(m, MoELayer)}.values()
+    records: list[MoEOutput] = []
+    previous = [layer._scope for layer in layers]
+    for layer in layers:
+        layer._scope = (modality, records)
+    try:
+        yield records
+    finally:
+        for layer, scope in zip(layers, previous):
+            layer._scope = scope

@@ -1,0 +1,148 @@
+"""Routers: logits, weights and indices for each position, modality aware.
+
+Notable choices:
+- Router math runs in float32 whatever the activations' dtype.
+- ``per_modality`` mode computes every modality's logits in one matmul and keeps each
+  position's own row; ``partitioned`` mode masks the logits of experts reserved to other
+  modalities with ``-inf``, so they get zero probability and are never selected.
+- Token choice: softmax over experts, then top-k (Shazeer et al. 2017; Mixtral's order).
+  Expert choice: each expert takes its top positions by probability
+  (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing"), so every position
+  may see any number of experts; it looks at the whole sequence, so causal layers refuse it.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MoEConfig
+from .experts import Dispatch
+
+
+@dataclass
+class RouterOutput:
+    """Attributes:
+    logits: ``(T, E)`` float32 router logits after modality masking.
+    probs: ``(T, E)`` softmax of ``logits``.
+    weights: token choice ``(T, k)``; expert choice ``(E, C)``.
+    indices: token choice ``(T, k)`` expert ids; expert choice ``(E, C)`` position ids.
+    """
+
+    logits: Tensor
+    probs: Tensor
+    weights: Tensor
+    indices: Tensor
+
+
+class Router(nn.Module, ABC):
+    """Scores each position against each expert; subclasses decide who picks whom."""
+
+    def __init__(self, in_features: int, config: MoEConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.num_experts = config.num_experts
+        num_routers = config.num_modalities if config.modality_mode == "per_modality" else 1
+        self.weight = nn.Parameter(torch.zeros(num_routers, config.num_experts, in_features, device=device, dtype=dtype))
+        nn.init.normal_(self.weight, std=in_features**-0.5)
+        allowed = torch.tensor(config.allowed_experts(), device=device)
+        # Only partitioned mode masks; the buffer is not saved (it follows from the config).
+        self.register_buffer("blocked", ~allowed if config.modality_mode == "partitioned" else None, persistent=False)
+
+    def logits(self, x: Tensor, modality: Tensor) -> Tensor:
+        """``x``: ``(T, D)``, ``modality``: ``(T,)`` ints. Returns float32 ``(T, E)``."""
+        if self.training and self.config.jitter_noise > 0:
+            eps = self.config.jitter_noise
+            x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+        num_routers, num_experts, dim = self.weight.shape
+        logits = F.linear(x.float(), self.weight.float().view(num_routers * num_experts, dim))
+        if num_routers > 1:
+            logits = logits.view(-1, num_routers, num_experts)  # (T, M, E)
+            logits = logits.gather(1, modality.view(-1, 1, 1).expand(-1, 1, num_experts)).squeeze(1)
+        if self.blocked is not None:
+            logits = logits.masked_fill(self.blocked[modality], float("-inf"))
+        return logits  # (T, E)
+
+    def forward(self, x: Tensor, modality: Tensor) -> RouterOutput:
+        logits = self.logits(x, modality)
+        probs = logits.softmax(dim=-1)
+        weights, indices = self.select(probs)
+        return RouterOutput(logits, probs, weights, indices)
+
+    @abstractmethod
+    def select(self, probs: Tensor) -> tuple[Tensor, Tensor]:
+        """Routing weights and indices from the ``(T, E)`` probabilities."""
+
+    @abstractmethod
+    def dispatch(self, router_out: RouterOutput) -> tuple[Dispatch, Tensor, Tensor, Tensor]:
+        """Group assignments by expert.
+
+        Returns the dispatch; the position and the expert of every assignment made before any
+        capacity drop (for load statistics); and the position of every dropped assignment.
+        """
+
+
+class TokenChoiceRouter(Router):
+    def select(self, probs: Tensor) -> tuple[Tensor, Tensor]:
+        weights, indices = probs.topk(self.config.top_k, dim=-1)  # (T, k)
+        if self.config.normalize_top_k:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, indices
+
+    def dispatch(self, router_out: RouterOutput) -> tuple[Dispatch, Tensor, Tensor, Tensor]:
+        num_tokens, k = router_out.indices.shape
+        # Slot-major order: with a capacity limit, first choices win over second choices.
+        experts = router_out.indices.t().reshape(-1)  # (k*T,)
+        weights = router_out.weights.t().reshape(-1)
+        order = experts.argsort(stable=True)
+        counts = torch.bincount(experts, minlength=self.num_experts)
+        token_idx = order % num_tokens
+        weights = weights[order]
+        positions = torch.arange(num_tokens, device=experts.device).repeat(k)
+        dropped = token_idx[:0]
+        if self.config.capacity_factor is not None:
+            capacity = math.ceil(self.config.capacity_factor * num_tokens * k / self.num_experts)
+            starts = counts.cumsum(0) - counts
+            rank = torch.arange(order.numel(), device=order.device) - starts.repeat_interleave(counts)
+            keep = rank < capacity
+            dropped = token_idx[~keep]
+            token_idx, weights = token_idx[keep], weights[keep]
+            counts = counts.clamp(max=capacity)
+        dispatch = Dispatch(token_idx, weights, counts.tolist())
+        return dispatch, positions, experts, dropped
+
+
+class ExpertChoiceRouter(Router):
+    def capacity(self, num_tokens: int) -> int:
+        factor = self.config.capacity_factor or 1.0
+        return min(num_tokens, math.ceil(factor * num_tokens * self.config.top_k / self.num_experts))
+
+    def select(self, probs: Tensor) -> tuple[Tensor, Tensor]:
+        return probs.t().topk(self.capacity(probs.shape[0]), dim=-1)  # (E, C)
+
+    def dispatch(self, router_out: RouterOutput) -> tuple[Dispatch, Tensor, Tensor, Tensor]:
+        num_experts, capacity = router_out.indices.shape
+        experts = torch.arange(num_experts, device=router_out.indices.device).repeat_interleave(capacity)
+        token_idx = router_out.indices.reshape(-1)
+        weights = router_out.weights.reshape(-1)
+        # A blocked (partitioned) expert may have had to pick positions with zero probability.
+        keep = weights > 0
+        token_idx, weights, experts = token_idx[keep], weights[keep], experts[keep]
+        counts = torch.bincount(experts, minlength=num_experts)
+        return Dispatch(token_idx, weights, counts.tolist()), token_idx, experts, token_idx[:0]
+
+
+def build_router(in_features: int, config: MoEConfig, causal: bool, device=None, dtype=None) -> Router:
+    if config.router == "expert_choice":
+        if causal:
+            raise ValueError(
+                "moe.router='expert_choice' is not allowed in a causal layer: each expert would pick "
+                "positions by looking at future tokens. Use 'token_choice' for decoder layers."
+            )
+        return ExpertChoiceRouter(in_features, config, device=device, dtype=dtype)
+    return TokenChoiceRouter(in_features, config, device=device, dtype=dtype)
