@@ -238,6 +238,31 @@ def _dense_weights(mlp: nn.Module):
     )
 
 
+class SharedMoE(nn.Module):
+    """Calls a MoE layer owned elsewhere; holding it in a tuple keeps it out of this module's state."""
+
+    def __init__(self, layer: MoELayer):
+        super().__init__()
+        self._target = (layer,)
+
+    @property
+    def layer(self) -> MoELayer:
+        return self._target[0]
+
+    def forward(self, x: Tensor, modality: Tensor | int | None = None) -> Tensor:
+        return self.layer(x, modality)
+
+
+def moe_layers_of(module: nn.Module) -> list[MoELayer]:
+    """Every MoE layer a module calls, shared ones included, each once."""
+    found = {}
+    for m in module.modules():
+        layer = m.layer if isinstance(m, SharedMoE) else m
+        if isinstance(layer, MoELayer):
+            found[id(layer)] = layer
+    return list(found.values())
+
+
 @contextmanager
 def moe_scope(module: nn.Module, modality: Tensor | int | None = None) -> Iterator[list[MoEOutput]]:
     """Give every MoE layer inside ``module`` this modality and collect their outputs.
@@ -246,7 +271,7 @@ def moe_scope(module: nn.Module, modality: Tensor | int | None = None) -> Iterat
     list the layers append their ``MoEOutput`` to, in call order. Restores the previous scope
     on exit, so scopes nest.
     """
-    layers = {id(m): m for m in module.modules() if isinstance(m, MoELayer)}.values()
+    layers = moe_layers_of(module)
     records: list[MoEOutput] = []
     previous = [layer._scope for layer in layers]
     for layer in layers:

@@ -1,0 +1,156 @@
+"""MoE layer speed against the dense FFN of equal active FLOPs and transformers' MoE block.
+
+    python benchmarks/moe_layer.py            # a table
+    python benchmarks/moe_layer.py --json     # a list of {"shape", "impl", "fwd_ms", "fwd_bwd_ms", ...}
+
+Every implementation gets the same weights and inputs and is timed in rotation in this one
+process (float32, 2 threads by default): forward under ``no_grad`` and forward+backward,
+median over ``--repeats`` rounds after warm-up. ``dense`` is a SwiGLU FFN of hidden width
+``top_k * ffn``: the same FLOPs per token as the MoE's active experts, the limit a MoE layer
+is measured against. ``hf_<impl>`` is transformers' ``MixtralSparseMoeBlock`` with each experts
+implementation that runs on this device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+from vlmoe.moe import FeedForward, MoEConfig, MoELayer
+
+SHAPES = {  # name: (d, ffn, experts, top_k, tokens)
+    "S1": (384, 1536, 8, 2, 4096),
+    "S2": (768, 3072, 8, 2, 2048),
+    "S3": (256, 1024, 16, 1, 8192),
+    "D1": (384, 1536, 8, 2, 8),
+}
+HF_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+
+
+def build_variants(d: int, ffn: int, experts: int, top_k: int) -> dict[str, torch.nn.Module]:
+    config = MoEConfig(num_experts=experts, top_k=top_k, expert_type="swiglu")
+    vlmoe = MoELayer(d, ffn, config=config)
+    loop = MoELayer(d, ffn, config=MoEConfig(**{**vars(config), "implementation": "loop"}))
+    loop.load_state_dict(vlmoe.state_dict())
+    variants = {"vlmoe": vlmoe, "vlmoe_loop": loop, "dense": FeedForward(d, top_k * ffn, expert_type="swiglu")}
+    for impl in HF_IMPLEMENTATIONS:
+        hf_config = MixtralConfig(
+            hidden_size=d, intermediate_size=ffn, num_local_experts=experts, num_experts_per_tok=top_k,
+            router_jitter_noise=0.0,
+        )
+        hf_config._experts_implementation = impl
+        block = MixtralSparseMoeBlock(hf_config)
+        with torch.no_grad():
+            block.gate.weight.copy_(vlmoe.router.weight[0])
+            block.experts.gate_up_proj.copy_(vlmoe.experts.in_proj)
+            block.experts.down_proj.copy_(vlmoe.experts.out_proj)
+        variants[f"hf_{impl}"] = block
+    return variants
+
+
+def runs_here(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """False for an implementation this device lacks, or one that can't allocate at this shape
+    (``hf_batched_mm`` gathers a weight copy per token-expert pair: tens of GB at T=4096)."""
+    try:
+        module(x.clone().requires_grad_()).sum().backward()
+        module.zero_grad(set_to_none=True)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def timed(fn: Callable[[], None], inner: int) -> float:
+    start = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - start) * 1e3 / inner
+
+
+def bench_shape(name: str, repeats: int, warmup: int) -> list[dict]:
+    d, ffn, experts, top_k, tokens = SHAPES[name]
+    torch.manual_seed(0)
+    variants = build_variants(d, ffn, experts, top_k)
+    x = torch.randn(1, tokens, d)
+    grad = torch.randn(1, tokens, d)
+    variants = {k: m for k, m in variants.items() if runs_here(m, x)}
+
+    def fwd(module):
+        with torch.no_grad():
+            module(x)
+
+    def fwd_bwd(module):
+        xg = x.clone().requires_grad_()
+        module(xg).backward(grad)
+        module.zero_grad(set_to_none=True)
+
+    inner = max(1, round(20 / max(timed(lambda: fwd(variants["dense"]), 3), 1e-3)))  # >= ~20 ms a sample
+    for _ in range(warmup):
+        for module in variants.values():
+            fwd(module)
+            fwd_bwd(module)
+    times = {k: {"fwd": [], "fwd_bwd": []} for k in variants}
+    for _ in range(repeats):  # rotation: every variant once per round
+        for key, module in variants.items():
+            times[key]["fwd"].append(timed(lambda: fwd(module), inner))
+            times[key]["fwd_bwd"].append(timed(lambda: fwd_bwd(module), inner))
+    med = {k: {p: statistics.median(v) for p, v in t.items()} for k, t in times.items()}
+    return [
+        {
+            "shape": name, "impl": key, "fwd_ms": round(m["fwd"], 4), "fwd_bwd_ms": round(m["fwd_bwd"], 4),
+            "fwd_vs_dense": round(m["fwd"] / med["dense"]["fwd"], 3),
+            "fwd_bwd_vs_dense": round(m["fwd_bwd"] / med["dense"]["fwd_bwd"], 3),
+        }
+        for key, m in med.items()
+    ]
+
+
+def summary(records: list[dict]) -> dict:
+    """The figures the MoE layer is held to, from this run's records."""
+    by = {(r["shape"], r["impl"]): r for r in records}
+    shapes = sorted({r["shape"] for r in records})
+    train = [s for s in shapes if s.startswith("S")]
+    out = {}
+    if train:
+        ratios = [by[(s, "vlmoe")]["fwd_bwd_vs_dense"] for s in train]
+        out["vlmoe_fwd_bwd_vs_dense_geomean_S"] = round(statistics.geometric_mean(ratios), 3)
+    for s in shapes:
+        best_hf = min((r for r in records if r["shape"] == s and r["impl"].startswith("hf_")), key=lambda r: r["fwd_bwd_ms"])
+        best_hf_fwd = min((r for r in records if r["shape"] == s and r["impl"].startswith("hf_")), key=lambda r: r["fwd_ms"])
+        out[f"{s}_vlmoe_vs_best_hf_fwd_bwd"] = round(by[(s, "vlmoe")]["fwd_bwd_ms"] / best_hf["fwd_bwd_ms"], 3)
+        out[f"{s}_vlmoe_vs_best_hf_fwd"] = round(by[(s, "vlmoe")]["fwd_ms"] / best_hf_fwd["fwd_ms"], 3)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print the records as JSON")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    records = [r for name in args.shapes for r in bench_shape(name, args.repeats, args.warmup)]
+    if args.json:
+        print(json.dumps(records, indent=1))
+        return
+    print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, float32")
+    print(f"{'shape':6} {'impl':16} {'fwd_ms':>10} {'fwd_bwd_ms':>11} {'fwd/dense':>10} {'fwd_bwd/dense':>14}")
+    for r in records:
+        print(
+            f"{r['shape']:6} {r['impl']:16} {r['fwd_ms']:10.3f} {r['fwd_bwd_ms']:11.3f} "
+            f"{r['fwd_vs_dense']:10.3f} {r['fwd_bwd_vs_dense']:14.3f}"
+        )
+    print(json.dumps(summary(records), indent=1))
+
+
+if __name__ == "__main__":
+    main()

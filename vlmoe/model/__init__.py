@@ -1,0 +1,1 @@
+"""The vision-language model: config, towers, and the generation model."""

@@ -1,0 +1,191 @@
+"""``VLMoEConfig``: a transformers config composed of four small dataclasses.
+
+Notable choices:
+- The parts (``vision``, ``decoder``, ``projector``, ``moe``) are plain dataclasses validated in
+  ``__post_init__``; ``VLMoEConfig`` accepts them or dicts and serialises them as dicts, so
+  ``config.json`` round-trips through ``save_pretrained`` / ``from_pretrained``.
+- Which layers become MoE: ``moe_layers`` (explicit indices) or ``moe_every`` (every n-th layer,
+  counting from the last: ``moe_every=2`` in a 4-layer tower picks layers 1 and 3).
+- Pretrained towers come only from local paths. Once a model has been built from them, the
+  model's own config forgets the paths and keeps the resolved architecture (``text_config``),
+  so a saved model reloads from its own folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+
+from ..moe import MoEConfig
+
+CAPTION_PROMPT = "Caption:"
+VQA_PROMPT = "Question: {question} Answer:"
+
+
+def moe_layer_indices(num_layers: int, moe_layers: list[int] | None, moe_every: int, where: str) -> list[int]:
+    """The indices of the layers that become MoE, validated against ``num_layers``."""
+    if moe_layers is not None:
+        bad = [i for i in moe_layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"{where}.moe_layers={moe_layers}: indices {bad} outside [0, {num_layers})")
+        return sorted(set(moe_layers))
+    if moe_every <= 0:
+        return []
+    return [i for i in range(num_layers) if (num_layers - 1 - i) % moe_every == 0]
+
+
+@dataclass
+class VisionConfig:
+    """The timm ViT encoder.
+
+    Attributes:
+        model_name: a timm model name (architecture only; no weights are fetched).
+        img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio: overrides of the timm
+            architecture (``None`` keeps the model's own value).
+        pretrained_file: a local timm weights file (.safetensors/.pth/.bin) to load; hub names
+            are refused.
+        moe_layers / moe_every: which blocks become MoE.
+        image_mean, image_std, interpolation, crop_pct: preprocessing; ``None`` takes timm's
+            data config of the model.
+    """
+
+    model_name: str = "vit_tiny_patch16_224"
+    img_size: int | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    pretrained_file: str | None = None
+    moe_layers: list[int] | None = None
+    moe_every: int = 0
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+    interpolation: str | None = None
+    crop_pct: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.pretrained_file is not None and not os.path.isfile(self.pretrained_file):
+            raise ValueError(
+                f"vision.pretrained_file={self.pretrained_file!r} is not a local file; vlmoe loads tower "
+                "weights from local paths only (nothing is downloaded)"
+            )
+        if self.moe_every < 0:
+            raise ValueError(f"vision.moe_every must be >= 0, got {self.moe_every}")
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        names = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+@dataclass
+class DecoderConfig:
+    """The transformers causal-LM decoder (Llama family).
+
+    Attributes:
+        pretrained_path: a local ``save_pretrained`` directory (model and tokenizer); hub names
+            are refused.
+        text_config: a transformers config dict (with ``model_type``, default ``llama``) for a
+            decoder built from scratch, or the resolved config of a loaded one.
+        moe_layers / moe_every: which layers become MoE.
+    """
+
+    pretrained_path: str | None = None
+    text_config: dict[str, Any] = field(default_factory=dict)
+    moe_layers: list[int] | None = None
+    moe_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.pretrained_path is not None and not os.path.isdir(self.pretrained_path):
+            raise ValueError(
+                f"decoder.pretrained_path={self.pretrained_path!r} is not a local directory; vlmoe loads "
+                "decoders from local save_pretrained folders only (nothing is downloaded)"
+            )
+        if self.moe_every < 0:
+            raise ValueError(f"decoder.moe_every must be >= 0, got {self.moe_every}")
+
+
+@dataclass
+class ProjectorConfig:
+    """Vision features -> decoder embeddings.
+
+    Attributes:
+        hidden_features: the projector MLP's hidden width (``None``: the decoder width).
+        pool: reduce the image tokens by average pooling ``pool x pool`` patches (1 = keep all).
+    """
+
+    hidden_features: int | None = None
+    pool: int = 1
+
+    def __post_init__(self) -> None:
+        if self.pool < 1:
+            raise ValueError(f"projector.pool must be >= 1, got {self.pool}")
+
+
+_PARTS = {"vision": VisionConfig, "decoder": DecoderConfig, "projector": ProjectorConfig, "moe": MoEConfig}
+
+
+def _as_part(name: str, value: Any):
+    cls = _PARTS[name]
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"{name}: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**value)
+    raise ValueError(f"{name} must be a {cls.__name__} or a dict, got {type(value).__name__}")
+
+
+class VLMoEConfig(PreTrainedConfig):
+    """The whole vision-language MoE model.
+
+    Attributes:
+        vision, decoder, projector, moe: the parts (dataclasses; dicts are accepted).
+        share_moe_layers: the i-th MoE layer of the ViT and of the decoder are one module.
+        image_token: the placeholder token that marks image positions in ``input_ids``.
+        caption_prompt, vqa_prompt: prompt templates (``{question}`` is filled in for VQA).
+        max_text_length: the longest prompt + target the processor makes.
+    """
+
+    model_type = "vlmoe"
+
+    vision: Any = None
+    decoder: Any = None
+    projector: Any = None
+    moe: Any = None
+    share_moe_layers: bool = False
+    image_token: str = "<image>"
+    image_token_id: int | None = None
+    caption_prompt: str = CAPTION_PROMPT
+    vqa_prompt: str = VQA_PROMPT
+    max_text_length: int = 64
+
+    def __post_init__(self, **kwargs):
+        for name in _PARTS:
+            setattr(self, name, _as_part(name, getattr(self, name)))
+        super().__post_init__(**kwargs)
+
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        """The decoder's transformers config (what generation and embedding utilities look for)."""
+        text_config = dict(self.decoder.text_config)
+        return AutoConfig.for_model(text_config.pop("model_type", "llama"), **text_config)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image placeholder tokens per image (needs the resolved ``vision.img_size``/``patch_size``)."""
+        side = self.vision.img_size // self.vision.patch_size // self.projector.pool
+        return side * side
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        for name in _PARTS:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        return out

@@ -1,0 +1,206 @@
+"""``VLMoEForConditionalGeneration``: [image tokens ; prompt ; target] through a MoE decoder.
+
+Notable choices:
+- Image positions are marked in ``input_ids`` by ``config.image_token_id`` placeholders (one
+  per projected image token); their embeddings are replaced by the projected ViT features.
+  Batches pad on the left for generation, and ``generate()`` is transformers' own: the prefill
+  holds image and prompt, later steps are text only (``pixel_values`` is dropped after prefill).
+- Every MoE layer learns each position's modality through ``moe_scope``, set around each tower
+  call: ViT tokens are modality 0; decoder positions are 0 at image placeholders, 1 elsewhere.
+- The loss is assembled in one place, ``_losses``: LM loss on target tokens (labels -100
+  elsewhere), plus the load-balancing and z-losses averaged over MoE calls and weighted by
+  ``config.moe``; each term is also returned on its own, with per-layer routing statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
+from ..moe import MoELayer, MoEOutput, moe_layers_of, moe_scope
+from .config import VLMoEConfig
+from .towers import Projector, VisionTower, build_decoder, decoder_layers, place_moe_layers
+
+IMAGE, TEXT = 0, 1
+
+
+@dataclass
+class RoutingRecord:
+    """One MoE layer call: which tower called which layer, and what the router did."""
+
+    tower: str
+    layer: int
+    output: MoEOutput
+
+
+@dataclass
+class VLMoEOutput(ModelOutput):
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    past_key_values: object | None = None
+    lm_loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+    z_loss: Tensor | None = None
+    routing: list[RoutingRecord] | None = None
+
+
+class VLMoEPreTrainedModel(PreTrainedModel):
+    config_class = VLMoEConfig
+    config: VLMoEConfig
+    base_model_prefix = "vlmoe"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _no_split_modules = ["Block", "LlamaDecoderLayer", "MoELayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Every part initialises itself when built (timm, transformers, MoE layers); nothing to add.
+        return
+
+
+class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
+    """A timm ViT and a transformers causal LM joined by a projector, with modality-aware MoE layers."""
+
+    def __init__(self, config: VLMoEConfig):
+        super().__init__(config)
+        upcycle_vision = config.vision.pretrained_file is not None
+        upcycle_decoder = config.decoder.pretrained_path is not None
+        self.vision = VisionTower(config.vision)
+        self.vision.resolve(config.vision)
+        self.language_model = build_decoder(config.decoder)
+        text_config = self.language_model.config
+        config.decoder.text_config = text_config.to_diff_dict() | {"model_type": text_config.model_type}
+        config.decoder.pretrained_path = None
+        self.projector = Projector(self.vision.vit.embed_dim, text_config.hidden_size, self.vision.grid_size, config.projector)
+        shared = place_moe_layers(
+            self.vision, self.language_model, config.vision, config.decoder, config.moe,
+            config.share_moe_layers, upcycle_vision, upcycle_decoder,
+        )
+        self.shared_moe = nn.ModuleList(shared)
+        self.post_init()
+
+    # --- parts ---------------------------------------------------------------------------
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.projector.num_tokens
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def moe_layers(self) -> dict[str, list[MoELayer]]:
+        """The MoE layers each tower calls, in order (a shared layer appears under both)."""
+        vision = [moe_layers_of(block.mlp) for block in self.vision.blocks]
+        decoder = [moe_layers_of(layer.mlp) for layer in decoder_layers(self.language_model)]
+        return {"vision": [m for ms in vision for m in ms], "decoder": [m for ms in decoder for m in ms]}
+
+    # --- forward -------------------------------------------------------------------------
+
+    def encode_images(self, pixel_values: Tensor) -> tuple[Tensor, list[MoEOutput]]:
+        """``(B, 3, H, W)`` -> image token embeddings ``(B, P', D)`` and the ViT's MoE outputs."""
+        with moe_scope(self.vision, IMAGE) as records:
+            features = self.vision(pixel_values.to(self.dtype))
+        return self.projector(features), records
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values=None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
+        **kwargs,
+    ) -> VLMoEOutput:
+        if input_ids is None:
+            raise ValueError("input_ids are required: image positions are marked by image placeholder tokens")
+        is_image = input_ids == self.config.image_token_id
+        vision_records: list[MoEOutput] = []
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, T, D)
+            if pixel_values is not None:
+                image_embeds, vision_records = self.encode_images(pixel_values)
+                inputs_embeds = self._merge_image_embeds(inputs_embeds, image_embeds, is_image)
+        modality = torch.where(is_image, IMAGE, TEXT)  # (B, T)
+        with moe_scope(self.language_model, modality) as decoder_records:
+            out = self.language_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
+            )
+        routing = self._routing(vision_records, decoder_records)
+        losses = self._losses(out.logits, labels, routing)
+        return VLMoEOutput(logits=out.logits, past_key_values=out.past_key_values, routing=routing, **losses)
+
+    def _merge_image_embeds(self, inputs_embeds: Tensor, image_embeds: Tensor, is_image: Tensor) -> Tensor:
+        expected = int(is_image.sum())
+        if expected != image_embeds.shape[0] * image_embeds.shape[1]:
+            raise ValueError(
+                f"input_ids hold {expected} image placeholder tokens but pixel_values give "
+                f"{image_embeds.shape[0]} images x {image_embeds.shape[1]} tokens"
+            )
+        mask = is_image.unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, image_embeds.to(inputs_embeds.dtype))
+
+    def _routing(self, vision_records: list[MoEOutput], decoder_records: list[MoEOutput]) -> list[RoutingRecord]:
+        layers = self.moe_layers()
+        routing = []
+        for tower, records in (("vision", vision_records), ("decoder", decoder_records)):
+            # MoE layers run in the order the tower lists them, one call per layer per forward.
+            for i, record in enumerate(records):
+                routing.append(RoutingRecord(tower, i % max(len(layers[tower]), 1), record))
+        return routing
+
+    def _losses(self, logits: Tensor, labels: Tensor | None, routing: list[RoutingRecord]) -> dict[str, Tensor | None]:
+        moe = self.config.moe
+        aux = z = None
+        if routing:
+            aux = moe.aux_loss_weight * torch.stack([r.output.load_balance_loss for r in routing]).mean()
+            z = moe.z_loss_weight * torch.stack([r.output.z_loss for r in routing]).mean()
+        if labels is None:
+            return {"loss": None, "lm_loss": None, "aux_loss": aux, "z_loss": z}
+        lm = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+        )
+        loss = lm if aux is None else lm + aux + z
+        return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z}
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total parameters, and parameters active per position (what each position pays), per tower."""
+
+        def counts(module: nn.Module, moe_layers: list[MoELayer]) -> tuple[int, int]:
+            own = {id(p): p for p in module.parameters()}
+            for layer in moe_layers:  # shared layers are held outside the tower
+                own.update({id(p): p for p in layer.parameters()})
+            total = sum(p.numel() for p in own.values())
+            inactive = 0
+            for layer in moe_layers:
+                experts = sum(p.numel() for p in layer.experts.parameters())
+                inactive += experts - experts * layer.config.top_k // layer.config.num_experts
+            return total, total - inactive
+
+        layers = self.moe_layers()
+        v_total, v_active = counts(self.vision, layers["vision"])
+        d_total, d_active = counts(self.language_model, layers["decoder"])
+        p_total = sum(p.numel() for p in self.projector.parameters())
+        return {
+            "total": sum(p.numel() for p in self.parameters()),
+            "vision_total": v_total, "vision_active": v_active,
+            "decoder_total": d_total, "decoder_active": d_active,
+            "projector": p_total,
+        }

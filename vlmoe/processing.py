@@ -1,0 +1,164 @@
+"""Images and text to model inputs, and the tokenizer a from-scratch decoder starts with.
+
+Notable choices:
+- Images go through timm's eval transform with the preprocessing recorded in
+  ``VLMoEConfig.vision`` (size, mean, std, interpolation, crop), so training, evaluation and the
+  caption script see identical pixels, and a saved model carries its own settings.
+- A sequence is ``[bos] [image] * P  prompt  target [eos]``; labels cover ``target [eos]`` only.
+  Training batches pad on the right; generation batches pad on the left, so every prompt ends
+  where generation starts.
+- A from-scratch decoder gets a byte-level BPE tokenizer trained with the ``tokenizers`` library
+  on the training texts, saved as a transformers fast tokenizer beside the model.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import timm.data
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import Tensor
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from .model.config import VLMoEConfig
+from .model.modeling import VLMoEForConditionalGeneration
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, image_token: str = "<image>") -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with pad/bos/eos/unk and the image placeholder token."""
+    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = list(SPECIAL_TOKENS.values()) + [image_token]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, extra_special_tokens={"image_token": image_token}, **SPECIAL_TOKENS)
+
+
+class VLMoEProcessor:
+    """Turns PIL images and prompts/targets into ``pixel_values``, ``input_ids``, ``attention_mask``, ``labels``."""
+
+    def __init__(self, config: VLMoEConfig, tokenizer):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.num_image_tokens = config.num_image_tokens
+        vision = config.vision
+        self.transform = timm.data.create_transform(
+            input_size=(3, vision.img_size, vision.img_size), interpolation=vision.interpolation,
+            mean=tuple(vision.image_mean), std=tuple(vision.image_std), crop_pct=vision.crop_pct, is_training=False,
+        )
+        self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+
+    # --- text ----------------------------------------------------------------------------
+
+    def prompt(self, question: str | None = None) -> str:
+        """The prompt for captioning (no question) or VQA."""
+        if question is None:
+            return self.config.caption_prompt
+        return self.config.vqa_prompt.format(question=question)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _prefix(self, prompt: str) -> list[int]:
+        return [self.tokenizer.bos_token_id] + [self.image_token_id] * self.num_image_tokens + self._ids(prompt)
+
+    # --- images --------------------------------------------------------------------------
+
+    def pixel_values(self, images: Sequence[Image.Image]) -> Tensor:
+        return torch.stack([self.transform(image.convert("RGB")) for image in images])  # (B, 3, H, W)
+
+    # --- batches -------------------------------------------------------------------------
+
+    def training_batch(self, images: Sequence[Image.Image], prompts: Sequence[str], targets: Sequence[str]) -> dict[str, Tensor]:
+        """Right-padded inputs with labels on the targets (and eos) only."""
+        rows, label_rows = [], []
+        for prompt, target in zip(prompts, targets):
+            prefix = self._prefix(prompt)
+            answer = self._ids(" " + target.strip()) + [self.tokenizer.eos_token_id]
+            ids = (prefix + answer)[: 1 + self.num_image_tokens + self.config.max_text_length]
+            rows.append(ids)
+            label_rows.append(([-100] * len(prefix) + answer)[: len(ids)])
+        batch = self._pad(rows, "right")
+        labels = torch.full_like(batch["input_ids"], -100)
+        for i, row in enumerate(label_rows):
+            labels[i, : len(row)] = torch.tensor(row)
+        return {**batch, "labels": labels, "pixel_values": self.pixel_values(images)}
+
+    def generation_batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, Tensor]:
+        """Left-padded prompts for ``model.generate``."""
+        batch = self._pad([self._prefix(p) for p in prompts], "left")
+        return {**batch, "pixel_values": self.pixel_values(images)}
+
+    def _pad(self, rows: list[list[int]], side: str) -> dict[str, Tensor]:
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(length - len(row), length) if side == "left" else slice(0, len(row))
+            ids[i, span] = torch.tensor(row)
+            mask[i, span] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def decode(self, generated: Tensor, prompt_length: int) -> list[str]:
+        """The text generated after a left-padded prompt of ``prompt_length`` positions."""
+        texts = self.tokenizer.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+    # --- persistence ---------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """The tokenizer; the image settings live in the model's ``config.json``."""
+        self.tokenizer.save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "VLMoEProcessor":
+        config = VLMoEConfig.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory, config=config.get_text_config(), local_files_only=True)
+        return cls(config, tokenizer)
+
+
+def prepare_tokenizer(config: VLMoEConfig, tokenizer=None):
+    """The tokenizer for ``config``: given, or the pretrained decoder's; with the image token and a pad token."""
+    if tokenizer is None:
+        if config.decoder.pretrained_path is None:
+            raise ValueError(
+                "decoder.pretrained_path is not set, so a tokenizer must be given: train one with "
+                "vlmoe.processing.train_tokenizer(texts)"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(config.decoder.pretrained_path, local_files_only=True)
+    if config.image_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [config.image_token]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(config: VLMoEConfig, tokenizer=None) -> tuple[VLMoEForConditionalGeneration, VLMoEProcessor]:
+    """A new model and its processor: towers from local weights (upcycled) or from scratch.
+
+    A from-scratch decoder takes its vocabulary and special token ids from ``tokenizer``.
+    """
+    tokenizer = prepare_tokenizer(config, tokenizer)
+    config.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+    if config.decoder.pretrained_path is None:
+        config.decoder.text_config = {
+            **config.decoder.text_config, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        }
+    model = VLMoEForConditionalGeneration(config)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.language_model.resize_token_embeddings(len(tokenizer))
+        config.decoder.text_config["vocab_size"] = len(tokenizer)
+    generation = model.generation_config
+    generation.bos_token_id, generation.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    return model, VLMoEProcessor(config, tokenizer)
