@@ -77,12 +77,14 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         config.decoder.text_config = text_config.to_diff_dict() | {"model_type": text_config.model_type}
         config.decoder.pretrained_path = None
         self.projector = Projector(self.vision.vit.embed_dim, text_config.hidden_size, self.vision.grid_size, config.projector)
+        self.post_init()
+        # After post_init: the decoder's own init scheme would otherwise re-initialise the new
+        # layers' nn.Linear modules (e.g. zeroed shared experts of an upcycled layer).
         shared = place_moe_layers(
             self.vision, self.language_model, config.vision, config.decoder, config.moe,
             config.share_moe_layers, upcycle_vision, upcycle_decoder,
         )
         self.shared_moe = nn.ModuleList(shared)
-        self.post_init()
 
     # --- parts ---------------------------------------------------------------------------
 

@@ -1,0 +1,201 @@
+"""The VLMoE model: losses, generation with the cache, persistence, upcycling, sharing, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors import safe_open
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from vlmoe import VLMoEConfig, VLMoEForConditionalGeneration, VLMoEProcessor, build_model, train_tokenizer
+
+TEXTS = ["a large red circle left of a small blue square", "Question: what color is it? Answer: red", "yes no 1 2 3"]
+VISION = dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, crop_pct=1.0)
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXTS * 10, vocab_size=300)
+
+
+def tiny_config(share: bool = True, **overrides) -> VLMoEConfig:
+    # mlp_ratio 2 gives the ViT MLP the decoder's widths (32 -> 64), so layers can be shared.
+    parts = dict(
+        vision={**VISION, "mlp_ratio": 2.0, "moe_every": 1},
+        decoder={"text_config": dict(TEXT), "moe_every": 1},
+        moe={"num_experts": 4, "top_k": 2, "modality_mode": "per_modality"},
+        share_moe_layers=share,
+    )
+    return VLMoEConfig(**{**parts, **overrides})
+
+
+def images(n: int = 2) -> list[Image.Image]:
+    colors = [(255, 0, 0), (0, 0, 255), (0, 255, 0)]
+    return [Image.new("RGB", (40 + 5 * i, 36), colors[i % 3]) for i in range(n)]
+
+
+def build(tokenizer, **kwargs):
+    torch.manual_seed(0)
+    model, processor = build_model(tiny_config(**kwargs), tokenizer)
+    return model.eval(), processor
+
+
+def test_forward_backward_and_loss_covers_targets_only(tokenizer):
+    model, processor = build(tokenizer)
+    model.train()
+    batch = processor.training_batch(images(), [processor.prompt(), processor.prompt("what color?")], ["a red circle", "blue"])
+    labels = batch["labels"]
+    prompt_len = 1 + processor.num_image_tokens
+    assert (labels[:, :prompt_len] == -100).all()  # bos and image positions
+    assert (labels[batch["input_ids"] == processor.image_token_id] == -100).all()
+    out = model(**batch)
+    manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.lm_loss, manual)
+    torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss + out.z_loss)
+    # Changing what is predicted at image/prompt positions must not change the loss.
+    masked = batch["labels"] == -100
+    logits = out.logits.detach().clone()
+    logits[:, :-1][masked[:, 1:]] += 5.0 * torch.randn_like(logits[:, :-1][masked[:, 1:]])
+    again = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(again, manual.detach())
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "experts" in n or "router" in n)
+    assert len(out.routing) == 4 and {r.tower for r in out.routing} == {"vision", "decoder"}
+    for record in out.routing:
+        present = record.output.tokens > 0
+        torch.testing.assert_close(record.output.load[present].sum(-1), torch.ones(int(present.sum())))
+
+
+def test_generate_with_cache_equals_uncached_greedy(tokenizer):
+    model, processor = build(tokenizer)
+    batch = processor.generation_batch(images(3), [processor.prompt(), processor.prompt("what color?"), processor.prompt()])
+    generated = model.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=True, min_new_tokens=6)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        for _ in range(6):
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"]).logits
+            next_token = logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_token], dim=1)
+            mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
+    assert torch.equal(generated, ids)
+
+
+def test_beam_search_and_sampling_run(tokenizer):
+    model, processor = build(tokenizer)
+    batch = processor.generation_batch(images(2), [processor.prompt()] * 2)
+    beams = model.generate(**batch, max_new_tokens=4, num_beams=3, do_sample=False)
+    torch.manual_seed(0)
+    sampled = model.generate(**batch, max_new_tokens=4, do_sample=True, top_k=5)
+    assert beams.shape[0] == 2 and sampled.shape[0] == 2
+    assert torch.equal(beams[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+
+
+def test_save_load_bit_identical_and_shared_stored_once(tokenizer, tmp_path):
+    model, processor = build(tokenizer)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    with safe_open(os.path.join(tmp_path, "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    expert_keys = [k for k in keys if "experts.in_proj" in k]
+    assert expert_keys == ["shared_moe.0.experts.in_proj", "shared_moe.1.experts.in_proj"]
+    assert len(keys) == len(model.state_dict())
+    assert len({id(p) for p in model.parameters()}) == len(list(model.parameters()))
+    loaded = VLMoEForConditionalGeneration.from_pretrained(tmp_path).eval()
+    loaded_processor = VLMoEProcessor.from_pretrained(tmp_path)
+    prompts = [processor.prompt(), processor.prompt("what color?")]
+    batch = processor.generation_batch(images(), prompts)
+    batch2 = loaded_processor.generation_batch(images(), prompts)
+    assert all(torch.equal(batch[k], batch2[k]) for k in batch)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch2).logits)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["decoder"]["pretrained_path"] is None and config["decoder"]["text_config"]["hidden_size"] == 32
+
+
+def test_shared_layer_gets_gradients_from_both_towers(tokenizer):
+    model, processor = build(tokenizer)
+    layer = model.shared_moe[0]
+    batch = processor.training_batch(images(), [processor.prompt()] * 2, ["a red circle", "a blue circle"])
+    image_embeds, _ = model.encode_images(batch["pixel_values"])
+    image_embeds.square().sum().backward()
+    from_vision = layer.experts.in_proj.grad.clone()
+    model.zero_grad()
+    text_only = {k: v for k, v in batch.items() if k != "pixel_values"}
+    text_only["input_ids"] = text_only["input_ids"].masked_fill(text_only["input_ids"] == processor.image_token_id, 5)
+    model(**text_only).loss.backward()
+    from_decoder = layer.experts.in_proj.grad.clone()
+    model.zero_grad()
+    model(**batch).loss.backward()
+    assert from_vision.abs().sum() > 0 and from_decoder.abs().sum() > 0
+    assert layer.router.weight.grad[0].abs().sum() > 0 and layer.router.weight.grad[1].abs().sum() > 0  # per modality
+
+
+def _dense_towers(tmp_path, tokenizer):
+    """A tiny timm ViT weights file and a tiny Llama folder, as a user would have them."""
+    torch.manual_seed(1)
+    vit = timm.create_model(VISION["model_name"], num_classes=0, **{k: v for k, v in VISION.items() if k not in ("model_name", "crop_pct")})
+    vit_file = tmp_path / "vit.pth"
+    torch.save(vit.state_dict(), vit_file)
+    llama = LlamaForCausalLM(LlamaConfig(**TEXT, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    llama_dir = tmp_path / "llama"
+    llama.save_pretrained(llama_dir)
+    tokenizer.save_pretrained(llama_dir)
+    return str(vit_file), str(llama_dir)
+
+
+def test_upcycled_model_equals_dense_composite_at_init(tokenizer, tmp_path):
+    vit_file, llama_dir = _dense_towers(tmp_path, tokenizer)
+
+    def config(moe_every: int) -> VLMoEConfig:
+        return VLMoEConfig(
+            vision={**VISION, "pretrained_file": vit_file, "moe_every": moe_every},
+            decoder={"pretrained_path": llama_dir, "moe_every": moe_every},
+            moe={"num_experts": 4, "top_k": 2, "modality_mode": "partitioned", "experts_per_modality": [1, 1],
+                 "num_shared_experts": 1},
+        )
+
+    dense, processor = build_model(config(0))
+    moe, _ = build_model(config(1))
+    moe.projector.load_state_dict(dense.projector.state_dict())  # the only part built at random in both
+    assert len(moe.moe_layers()["vision"]) == 2 and len(moe.moe_layers()["decoder"]) == 2
+    batch = processor.generation_batch(images(), [processor.prompt(), processor.prompt("what color?")])
+    with torch.no_grad():
+        torch.testing.assert_close(moe.eval()(**batch).logits, dense.eval()(**batch).logits, rtol=1e-5, atol=1e-5)
+    counts = moe.parameter_counts()
+    assert counts["vision_active"] < counts["vision_total"] and counts["decoder_active"] < counts["decoder_total"]
+
+
+def test_parameter_counts_dense_model_active_equals_total(tokenizer):
+    model, _ = build(tokenizer, share=False, vision={**VISION, "mlp_ratio": 2.0}, decoder={"text_config": dict(TEXT)})
+    counts = model.parameter_counts()
+    assert counts["vision_active"] == counts["vision_total"] and counts["decoder_active"] == counts["decoder_total"]
+    assert counts["total"] == counts["vision_total"] + counts["decoder_total"] + counts["projector"]
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"vision": {**VISION, "model_name": "hf-hub:timm/vit_base_patch16_224"}}, "vision.model_name"),
+        ({"vision": {**VISION, "pretrained_file": "/nonexistent/vit.safetensors"}}, "vision.pretrained_file"),
+        ({"decoder": {"pretrained_path": "meta-llama/Llama-3.2-1B"}}, "decoder.pretrained_path"),
+        ({"vision": {**VISION, "mlp_ratio": 4.0, "moe_every": 1}}, "share_moe_layers"),
+        ({"vision": {**VISION, "moe_layers": [5]}}, "vision.moe_layers"),
+        ({"moe": {"router": "expert_choice"}}, "expert_choice"),
+    ],
+)
+def test_clear_errors(tokenizer, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(tiny_config(**overrides), tokenizer)
+
+
+def test_from_scratch_decoder_needs_a_tokenizer():
+    with pytest.raises(ValueError, match="tokenizer"):
+        build_model(tiny_config())
