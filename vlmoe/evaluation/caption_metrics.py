@@ -47,6 +47,7 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -499,7 +500,7 @@ def _check_inputs(preds: Sequence[str], targets: Sequence[str | Sequence[str]]) 
 class _CaptionMetric(GatheredStateMetric):
     """Base: tokenises captions in ``update`` (COCO PTB approximation unless ``tokenize=False``)."""
 
-    def __init__(self, tokenize: bool = True, **kwargs) -> None:
+    def __init__(self, tokenize: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.tokenize = tokenize
 
@@ -517,7 +518,7 @@ class CocoBLEU(_CaptionMetric):
 
     higher_is_better = True
 
-    def __init__(self, n_gram: int = 4, tokenize: bool = True, **kwargs) -> None:
+    def __init__(self, n_gram: int = 4, tokenize: bool = True, **kwargs: Any) -> None:
         super().__init__(tokenize=tokenize, **kwargs)
         self.n_gram = n_gram
         self.add_state("stats", default=torch.zeros(2 + 2 * n_gram, dtype=torch.int64), dist_reduce_fx="sum")
@@ -537,7 +538,7 @@ class CocoROUGEL(_CaptionMetric):
 
     higher_is_better = True
 
-    def __init__(self, beta: float = 1.2, tokenize: bool = True, **kwargs) -> None:
+    def __init__(self, beta: float = 1.2, tokenize: bool = True, **kwargs: Any) -> None:
         super().__init__(tokenize=tokenize, **kwargs)
         self.beta = beta
         self.add_object_state("scores")
@@ -559,7 +560,7 @@ class CIDErD(_CaptionMetric):
 
     higher_is_better = True
 
-    def __init__(self, n_gram: int = 4, sigma: float = 6.0, tokenize: bool = True, **kwargs) -> None:
+    def __init__(self, n_gram: int = 4, sigma: float = 6.0, tokenize: bool = True, **kwargs: Any) -> None:
         super().__init__(tokenize=tokenize, **kwargs)
         self.n_gram, self.sigma = n_gram, sigma
         self.add_object_state("candidates")
@@ -582,7 +583,7 @@ class CaptionExactMatch(GatheredStateMetric):
 
     higher_is_better = True
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_state("matches", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
@@ -593,7 +594,7 @@ class CaptionExactMatch(GatheredStateMetric):
         self.total += len(refs)
 
     def compute(self) -> Tensor:
-        return (self.matches.double() / self.total.clamp(min=1)).to(torch.float64)
+        return self.matches.double() / self.total.clamp(min=1)
 
 
 def _caption_exact_match(pred: str, refs: Sequence[str]) -> bool:
@@ -606,7 +607,7 @@ class CaptionMetrics(_CaptionMetric):
 
     higher_is_better = True
 
-    def __init__(self, tokenize: bool = True, **kwargs) -> None:
+    def __init__(self, tokenize: bool = True, **kwargs: Any) -> None:
         super().__init__(tokenize=tokenize, **kwargs)
         self.add_object_state("candidates")
         self.add_object_state("references")

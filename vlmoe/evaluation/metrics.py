@@ -14,7 +14,7 @@ Notable choices:
   therefore bit-identical whether computed on one process or on several with the data split in any way.
 - A rank that saw no data contributes an empty list (no dtype/shape padding issues, unlike empty tensor
   ``cat`` states).
-- ``.to(device)`` / ``.double()`` leave object states alone.
+- ``.to(device)`` / ``.double()`` / ``compute_on_cpu`` leave object states alone.
 
 The task metrics live in ``vlmoe.evaluation.caption_metrics`` and ``vlmoe.evaluation.vqa_metrics``;
 ``vlmoe.evaluation`` re-exports the public names.
@@ -90,3 +90,9 @@ class GatheredStateMetric(Metric):
 
     def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> torch.nn.Module:
         return super()._apply(fn, exclude_state=(*exclude_state, *self._object_state_names))
+
+    def _move_list_states_to_cpu(self) -> None:  # compute_on_cpu=True: object states already live on the host
+        for name in self._defaults:
+            value = getattr(self, name)
+            if name not in self._object_state_names and isinstance(value, list):
+                setattr(self, name, [item.to("cpu") for item in value])

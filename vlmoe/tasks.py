@@ -1,0 +1,75 @@
+"""Captioning and VQA: what the model is asked and what it should answer, and batched generation.
+
+Notable choices:
+- A caption sample trains on its canonical caption (``captions[0]``); a VQA sample on its most
+  frequent reference answer (the first of the most frequent on ties).
+- The collates are small picklable classes, so DataLoader worker processes can run them.
+- ``generate_texts`` is the one generation path that evaluation, validation during training
+  and the caption script share: left-padded prompts, the KV cache, transformers' ``generate``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from .data.sample import Sample
+from .processing import VLMoEProcessor
+
+
+def training_target(sample: Sample) -> str:
+    if sample.task == "caption":
+        return sample.captions[0]
+    return Counter(sample.answers).most_common(1)[0][0]
+
+
+def question_of(sample: Sample) -> str | None:
+    return sample.question if sample.task == "vqa" else None
+
+
+class TrainingCollate:
+    """Samples -> a training batch (prompt, target, labels on the target)."""
+
+    def __init__(self, processor: VLMoEProcessor):
+        self.processor = processor
+
+    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        prompts = [self.processor.prompt(question_of(s)) for s in samples]
+        targets = [training_target(s) for s in samples]
+        return self.processor.training_batch([s.image for s in samples], prompts, targets)
+
+
+class GenerationCollate:
+    """Samples -> (left-padded generation inputs, the samples without their images)."""
+
+    def __init__(self, processor: VLMoEProcessor):
+        self.processor = processor
+
+    def __call__(self, samples: list[Sample]) -> tuple[dict[str, torch.Tensor], list[Sample]]:
+        prompts = [self.processor.prompt(question_of(s)) for s in samples]
+        batch = self.processor.generation_batch([s.image for s in samples], prompts)
+        for sample in samples:
+            sample.image = None  # keep what crosses process boundaries small
+        return batch, samples
+
+
+@torch.no_grad()
+def generate_from_batch(model, processor: VLMoEProcessor, batch: dict[str, torch.Tensor], **generate_kwargs) -> list[str]:
+    """Texts generated for a ``generation_batch``; greedy with 16 new tokens unless told otherwise."""
+    generate_kwargs = {"max_new_tokens": 16, "do_sample": False, **generate_kwargs}
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    generated = model.generate(**batch, **generate_kwargs)
+    return processor.decode(generated, batch["input_ids"].shape[1])
+
+
+def generate_texts(
+    model, processor: VLMoEProcessor, images: Sequence[Image.Image], questions: Sequence[str | None] | None = None,
+    **generate_kwargs,
+) -> list[str]:
+    """Captions (question None) or answers for PIL images, in one batch."""
+    questions = list(questions) if questions is not None else [None] * len(images)
+    batch = processor.generation_batch(images, [processor.prompt(q) for q in questions])
+    return generate_from_batch(model, processor, batch, **generate_kwargs)

@@ -1,0 +1,194 @@
+"""The training configuration: nested dataclasses loaded from YAML through OmegaConf.
+
+Notable choices:
+- One schema (the dataclasses below, reusing the model's own parts), merged in order: defaults,
+  the YAML file, then ``dotted.key=value`` overrides. OmegaConf rejects an unknown key or a
+  value of the wrong type and names the full key; each dataclass's ``__post_init__`` then
+  checks values and combinations and raises ``ValueError`` naming the field. All of it happens
+  before anything is built.
+- The resolved config is written to the run folder as YAML and rebuilds the same run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..data import DataSource
+from ..model.config import CAPTION_PROMPT, VQA_PROMPT, DecoderConfig, ProjectorConfig, VisionConfig, VLMoEConfig
+from ..moe import MoEConfig
+
+PARAM_GROUPS = ("vision", "decoder", "projector", "experts", "routers")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TokenizerConfig:
+    """Where the tokenizer comes from when the decoder is built from scratch.
+
+    Attributes:
+        path: a saved tokenizer folder; ``None`` trains a byte-level BPE on the training texts.
+        vocab_size: the trained tokenizer's vocabulary size.
+        train_samples: how many training samples the tokenizer learns from.
+    """
+
+    path: str | None = None
+    vocab_size: int = 512
+    train_samples: int = 5000
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    share_moe_layers: bool = False
+    caption_prompt: str = CAPTION_PROMPT
+    vqa_prompt: str = VQA_PROMPT
+    max_text_length: int = 64
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def to_vlmoe_config(self) -> VLMoEConfig:
+        return VLMoEConfig(
+            vision=self.vision, decoder=self.decoder, projector=self.projector, moe=self.moe,
+            share_moe_layers=self.share_moe_layers, caption_prompt=self.caption_prompt,
+            vqa_prompt=self.vqa_prompt, max_text_length=self.max_text_length,
+        )
+
+
+@dataclass
+class SourceConfig:
+    pattern: str = "???"
+    task: str = "caption"
+    weight: float = 1.0
+
+    def to_source(self) -> DataSource:
+        return DataSource(self.pattern, self.task, self.weight)
+
+
+@dataclass
+class DataConfig:
+    """Attributes:
+    train / val: shard sources (pattern, task, weight); training mixes ``train`` by weight.
+    batch_size: samples per process per step (before gradient accumulation).
+    """
+
+    train: list[SourceConfig] = field(default_factory=list)
+    val: list[SourceConfig] = field(default_factory=list)
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with parameter groups and warmup + cosine decay.
+
+    Attributes:
+        lr_mult: learning-rate multiplier per group (``vision``, ``decoder``, ``projector``,
+            ``experts``, ``routers``); experts and routers win over the tower they sit in.
+        freeze: groups whose parameters are not trained.
+        min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    freeze: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in list(self.lr_mult) + list(self.freeze):
+            if name not in PARAM_GROUPS:
+                raise ValueError(f"optim.lr_mult/freeze: unknown group {name!r}; groups are {list(PARAM_GROUPS)}")
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas needs two values, got {self.betas}")
+
+
+@dataclass
+class TrainConfig:
+    """Attributes:
+    steps: optimizer steps.
+    eval_every / eval_samples: validation loss and generation-based exact match, how often and on
+        how many validation samples per task.
+    checkpoint_every / keep_checkpoints: Accelerate state every N steps, the last K kept.
+    max_nonfinite: consecutive non-finite losses tolerated (each skips its step) before stopping.
+    """
+
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    steps: int = 1000
+    grad_accum: int = 1
+    clip_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    log_every: int = 10
+    stats_every: int = 50
+    eval_every: int = 0
+    eval_samples: int = 256
+    eval_max_new_tokens: int = 8
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    max_nonfinite: int = 5
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"train.mixed_precision={self.mixed_precision!r} is not one of {list(MIXED_PRECISION)}")
+        for name in ("steps", "grad_accum", "log_every", "stats_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.output_dir, self.name)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, validated; errors name the key."""
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if path is not None:
+            if not os.path.isfile(path):
+                raise ValueError(f"--config {path!r}: no such file")
+            layers.append(OmegaConf.load(path))
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        config = OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ValueError(f"config key {key!r}: {str(err).splitlines()[0]}") from None
+    if not config.data.train:  # checked here: the schema's own defaults have no data
+        raise ValueError("data.train is empty: give at least one source (pattern, task, weight)")
+    return config
+
+
+def config_to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def as_dict(config: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(config))

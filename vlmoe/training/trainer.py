@@ -1,0 +1,303 @@
+"""The training loop: Accelerate, mixed tasks, routing logs, validation, checkpoints that survive a kill.
+
+Notable choices:
+- Accelerate owns devices, processes and precision; one code path for 1 CPU process, several
+  processes (torchrun / accelerate launch) and GPUs. The data pipeline splits shards by rank
+  itself, so the loader is not passed to ``accelerator.prepare``.
+- Gradient accumulation is explicit: ``no_sync`` on all but the last micro-batch, the loss
+  divided by ``grad_accum``, then clipping and one optimizer step.
+- The data stream is a deterministic function of the seed, so resuming replays it to the
+  checkpoint's position (``step * grad_accum`` batches) and continues with the same batches,
+  the same RNG states, the same optimizer: losses after a resume equal an uninterrupted run's.
+- A non-finite loss on any process skips the whole step on every process (no update); more
+  than ``max_nonfinite`` in a row stop the run, leaving the last good checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import nullcontext
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from ..data import build_dataset, build_loader
+from ..evaluation.vqa_metrics import vqa_exact_match
+from ..model.modeling import RoutingRecord
+from ..processing import build_model, train_tokenizer
+from ..tasks import GenerationCollate, TrainingCollate, generate_from_batch
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, config_to_yaml
+from .optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+MODALITY_NAMES = ("image", "text")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint adds to Accelerate's state: where the run is."""
+
+    step: int = 0
+    nonfinite_in_a_row: int = 0
+    samples_seen: int = 0
+    history: dict[str, Any] = field(default_factory=dict)
+
+
+def run_tokenizer(config: Config, accelerator: Accelerator, run_dir: str):
+    """The tokenizer of this run: the pretrained decoder's, a given one, or trained once and saved."""
+    model_cfg = config.model
+    if model_cfg.decoder.pretrained_path is not None:
+        return None  # build_model takes the decoder's own
+    if model_cfg.tokenizer.path is not None:
+        return AutoTokenizer.from_pretrained(model_cfg.tokenizer.path, local_files_only=True)
+    saved = os.path.join(run_dir, "tokenizer")
+    if accelerator.is_main_process and not os.path.isdir(saved):
+        tokenizer = train_tokenizer(_training_texts(config), vocab_size=model_cfg.tokenizer.vocab_size)
+        tokenizer.save_pretrained(saved)
+    accelerator.wait_for_everyone()
+    return AutoTokenizer.from_pretrained(saved, local_files_only=True)
+
+
+def _training_texts(config: Config) -> Iterator[str]:
+    sources = [s.to_source() for s in config.data.train]
+    dataset = build_dataset(sources, train=False, batch_size=64)
+    remaining = config.model.tokenizer.train_samples
+    for batch in dataset:
+        for sample in batch.data:
+            yield from sample.captions
+            if sample.question:
+                yield sample.question
+                yield from sample.answers
+            yield config.model.caption_prompt + " " + config.model.vqa_prompt
+            remaining -= 1
+            if remaining <= 0:
+                return
+
+
+def routing_scalars(routing: list[RoutingRecord]) -> dict[str, float]:
+    """Per MoE layer and modality: expert load, router entropy, drop rate, load-balancing loss."""
+    scalars = {}
+    for record in routing:
+        out = record.output
+        for m, present in enumerate(out.tokens.tolist()):
+            if not present:
+                continue
+            name = f"moe/{record.tower}{record.layer}/{MODALITY_NAMES[m] if m < 2 else m}"
+            scalars[f"{name}/entropy"] = out.entropy[m].item()
+            scalars[f"{name}/dropped"] = out.dropped[m].item()
+            scalars[f"{name}/load_balance"] = out.load_balance[m].item()
+            for e, load in enumerate(out.load[m].tolist()):
+                scalars[f"{name}/load_e{e}"] = load
+    return scalars
+
+
+class Trainer:
+    def __init__(self, config: Config):
+        self.config = config
+        train = config.train
+        self.run_dir = train.run_dir
+        moe_loop = config.model.moe.implementation == "loop"  # the loop leaves unrouted experts without grads
+        self.accelerator = Accelerator(
+            mixed_precision=train.mixed_precision, log_with="tensorboard", project_dir=self.run_dir,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=moe_loop)],
+        )
+        set_seed(train.seed)
+        if self.accelerator.is_main_process:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                f.write(config_to_yaml(config))
+        tokenizer = run_tokenizer(config, self.accelerator, self.run_dir)
+        model, self.processor = build_model(config.model.to_vlmoe_config(), tokenizer)
+        optimizer = build_optimizer(model, config.optim)
+        scheduler = build_scheduler(optimizer, config.optim, train.steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.state = TrainerState()
+        self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    # --- data ----------------------------------------------------------------------------
+
+    def _loader(self, sources, train: bool, batch_size: int, collate):
+        acc, data = self.accelerator, self.config.data
+        return build_loader(
+            [s.to_source() for s in sources], train=train, batch_size=batch_size, collate=collate,
+            rank=acc.process_index, world_size=acc.num_processes, seed=self.config.train.seed,
+            shuffle_buffer=data.shuffle_buffer, num_workers=data.num_workers,
+        )
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Training batches from the checkpoint's data position on."""
+        loader = self._loader(self.config.data.train, True, self.config.data.batch_size, TrainingCollate(self.processor))
+        return islice(iter(loader), self.state.step * self.config.train.grad_accum, None)
+
+    # --- loop ----------------------------------------------------------------------------
+
+    def resume(self, checkpoint: str | None) -> None:
+        path = latest_checkpoint(self.run_dir) if checkpoint == "auto" else checkpoint
+        if path is None:
+            return
+        self.state = TrainerState(**load_checkpoint(self.accelerator, path))
+        logger.info("resumed from %s at step %d", path, self.state.step)
+        if self.accelerator.is_main_process and os.path.isfile(self.metrics_path):
+            self._truncate_metrics(self.state.step)
+
+    def fit(self) -> dict[str, float]:
+        cfg = self.config.train
+        acc = self.accelerator
+        acc.init_trackers("tensorboard")
+        batches = self._batches()
+        bar = tqdm(total=cfg.steps, initial=self.state.step, disable=not acc.is_main_process, desc="train")
+        window_start, window_samples = time.perf_counter(), 0
+        while self.state.step < cfg.steps:
+            losses, routing, samples = self._step(batches)
+            self.state.step += 1
+            window_samples += samples * acc.num_processes
+            bar.update(1)
+            step = self.state.step
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                elapsed = time.perf_counter() - window_start
+                record = {**losses, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": window_samples / elapsed}
+                if step % cfg.stats_every == 0 and routing:
+                    record.update(routing_scalars(routing))
+                self._log(step, record)
+                bar.set_postfix(loss=f"{losses['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+                window_start, window_samples = time.perf_counter(), 0
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                self._log(step, self.validate())
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save_checkpoint(acc, self.run_dir, step, vars(self.state), cfg.keep_checkpoints)
+        bar.close()
+        self.export()
+        acc.end_training()
+        return self.state.history
+
+    def _step(self, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[dict[str, float], list[RoutingRecord], int]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns mean losses (over processes)."""
+        acc, cfg = self.accelerator, self.config.train
+        self.model.train()
+        totals = torch.zeros(4, device=acc.device)  # loss, lm, aux, z
+        finite, routing, samples = True, [], 0
+        for micro in range(cfg.grad_accum):
+            batch = {k: v.to(acc.device) for k, v in next(batches).items()}
+            samples += batch["input_ids"].shape[0]
+            last = micro == cfg.grad_accum - 1
+            with acc.autocast(), (acc.no_sync(self.model) if not last else nullcontext()):
+                out = self.model(**batch)
+                loss = out.loss
+                terms = [loss, out.lm_loss, out.aux_loss, out.z_loss]
+                totals += torch.stack([t.detach().float() if t is not None else loss.new_zeros(()) for t in terms])
+                finite = finite and bool(acc.gather(torch.isfinite(loss.detach()).float().view(1)).min() > 0)
+                if finite:
+                    acc.backward(loss / cfg.grad_accum)
+            routing = out.routing
+        if finite:
+            if cfg.clip_grad_norm > 0:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
+            self.optimizer.step()
+            self.state.nonfinite_in_a_row = 0
+        else:
+            self._on_nonfinite()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.samples_seen += samples * acc.num_processes
+        means = acc.reduce(totals / cfg.grad_accum, reduction="mean").tolist()
+        return dict(zip(("loss", "lm_loss", "aux_loss", "z_loss"), means)), routing, samples
+
+    def _on_nonfinite(self) -> None:
+        self.state.nonfinite_in_a_row += 1
+        limit = self.config.train.max_nonfinite
+        logger.warning("non-finite loss at step %d: step skipped (%d in a row)", self.state.step + 1, self.state.nonfinite_in_a_row)
+        if self.state.nonfinite_in_a_row > limit:
+            last = latest_checkpoint(self.run_dir)
+            raise NonFiniteLossError(
+                f"{self.state.nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite={limit}); "
+                f"stopping. The last good checkpoint is {last or '(none yet)'}; lower optim.lr or check the data."
+            )
+
+    # --- validation ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Validation loss per task, and generation-based exact match on the VQA subset."""
+        acc, cfg, data = self.accelerator, self.config.train, self.config.data
+        model = self.unwrapped
+        model.eval()
+        results = {}
+        limit = math.ceil(cfg.eval_samples / (data.eval_batch_size * acc.num_processes))
+        for source in data.val:
+            tag = f"val/{source.task}"
+            loss_sum = torch.zeros(2, device=acc.device)
+            for batch in islice(iter(self._loader([source], False, data.eval_batch_size, TrainingCollate(self.processor))), limit):
+                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                with acc.autocast():
+                    out = model(**batch)
+                tokens = (batch["labels"][:, 1:] != -100).sum()
+                loss_sum += torch.stack([out.lm_loss.float() * tokens, tokens.float()])
+            loss_sum = acc.reduce(loss_sum, reduction="sum")
+            results[f"{tag}_loss"] = (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
+            if source.task == "vqa":
+                results[f"{tag}_exact_match"] = self._exact_match(source, limit)
+        return results
+
+    def _exact_match(self, source, limit: int) -> float:
+        acc, data = self.accelerator, self.config.data
+        loader = self._loader([source], False, data.eval_batch_size, GenerationCollate(self.processor))
+        scores = []
+        for batch, samples in islice(iter(loader), limit):
+            with acc.autocast():
+                answers = generate_from_batch(
+                    self.unwrapped, self.processor, batch, max_new_tokens=self.config.train.eval_max_new_tokens
+                )
+            scores += [vqa_exact_match(a, s.answers) for a, s in zip(answers, samples)]
+        counts = acc.reduce(torch.tensor([sum(scores), len(scores)], device=acc.device, dtype=torch.float64), "sum")
+        return (counts[0] / counts[1].clamp(min=1)).item()
+
+    # --- outputs -------------------------------------------------------------------------
+
+    def _log(self, step: int, record: dict[str, float]) -> None:
+        self.state.history.update({k: v for k, v in record.items() if not k.startswith("moe/")})
+        self.accelerator.log(record, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({"step": step, **record}) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop lines a killed run logged after its last checkpoint; they are logged again."""
+        with open(self.metrics_path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.metrics_path, "w") as f:
+            f.writelines(lines)
+
+    def export(self) -> str:
+        final = os.path.join(self.run_dir, "final")
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.unwrapped.save_pretrained(final)
+            self.processor.save_pretrained(final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+
+def train(config: Config, resume: str | None = None) -> dict[str, float]:
+    """Build everything from ``config``, optionally resume (``"auto"`` or a checkpoint path), and train."""
+    trainer = Trainer(config)
+    trainer.resume(resume)
+    return trainer.fit()
