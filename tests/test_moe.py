@@ -1,0 +1,874 @@
+"""Tests of the sparse MoE layer (``vlmoe.moe``): router -> experts -> layer.
+
+Every test compares against an independent reference (a plain per-assignment loop, the dense
+MLP, timm / transformers modules, transformers' ``MixtralSparseMoeBlock`` and
+``load_balancing_loss_func``), checks a value derived by hand, or checks a clear error.
+Tiny sizes, CPU, float64 where the comparison is exact up to rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmoe.moe import Dispatch, Experts, FeedForward, MoEConfig, MoELayer, moe_scope
+from vlmoe.moe import experts as experts_module
+from vlmoe.moe.experts import GroupedExpertsFunction
+
+F64 = torch.float64
+IMPLEMENTATIONS = ("grouped", "loop")
+DIM, HIDDEN = 16, 32
+
+# Six experts: [0, 2) reserved to modality 0 (image), [2, 3) to modality 1 (text), [3, 6) open.
+PARTITION = {"num_experts": 6, "experts_per_modality": [2, 1]}
+MODES = {
+    "shared": {"num_experts": 4},
+    "per_modality": {"num_experts": 4},
+    "partitioned": PARTITION,
+}
+ROUTING = {  # name: (router, capacity_factor)
+    "token_dropless": ("token_choice", None),
+    "token_capacity": ("token_choice", 0.5),
+    "expert_choice": ("expert_choice", None),
+    "expert_capacity": ("expert_choice", 0.5),
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_layer(dtype=F64, dim=DIM, hidden=HIDDEN, causal=False, seed=0, bias=None, out=None, **config) -> MoELayer:
+    torch.manual_seed(seed)
+    return MoELayer(dim, hidden, out, bias=bias, config=MoEConfig(**config), causal=causal, dtype=dtype)
+
+
+def clone_with(layer: MoELayer, dtype=None, **changes) -> MoELayer:
+    """The same layer (weights included) with some config fields or the dtype changed."""
+    experts = layer.experts
+    other = MoELayer(
+        experts.in_proj.shape[-1], experts.hidden_features, experts.out_proj.shape[1],
+        bias=experts.in_bias is not None, config=dataclasses.replace(layer.config, **changes),
+        causal=layer.causal, activation=experts.activation, dtype=dtype or experts.in_proj.dtype,
+    )
+    other.load_state_dict(layer.state_dict())
+    return other
+
+
+def two_modalities(batch: int = 2, seq: int = 8) -> torch.Tensor:
+    """``(B, T)`` modality ids with both modalities in every sequence, image first."""
+    modality = torch.ones(batch, seq, dtype=torch.long)
+    for b in range(batch):
+        modality[b, : seq // 2 - b] = 0
+    return modality
+
+
+def run_layer(layer: MoELayer, x: torch.Tensor, modality, grad_out: torch.Tensor, input_grad: bool = True):
+    """Forward with aux, backward of ``<grad_out, y>``; returns (output, input grad, param grads)."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(input_grad)
+    out = layer.forward_with_aux(x, modality)
+    (out.hidden_states * grad_out).sum().backward()
+    return out, x.grad, {name: p.grad for name, p in layer.named_parameters()}
+
+
+_ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
+
+
+def expert_ffn(experts: Experts, e: int, v: torch.Tensor) -> torch.Tensor:
+    """Expert ``e`` on rows ``v``, written out from the parameters."""
+    act = _ACT[experts.activation]
+    h = v @ experts.in_proj[e].t()
+    if experts.in_bias is not None:
+        h = h + experts.in_bias[e]
+    if experts.gated:
+        gate, value = h[:, : experts.hidden_features], h[:, experts.hidden_features :]
+        h = act(gate) * value
+    else:
+        h = act(h)
+    y = h @ experts.out_proj[e].t()
+    if experts.out_bias is not None:
+        y = y + experts.out_bias[e]
+    return y
+
+
+def reference_forward(layer: MoELayer, x: torch.Tensor, modality: torch.Tensor):
+    """The layer's output assignment by assignment, and the dropped fraction per modality.
+
+    Token choice with a capacity: each expert takes assignments first choices first, positions
+    in order, until it holds ``ceil(capacity_factor * T * k / E)``. Expert choice: every
+    ``(expert, position)`` pair the router picked with a non-zero weight.
+    """
+    config = layer.config
+    x2d = x.reshape(-1, x.shape[-1])
+    modality = modality.expand(x.shape[:-1]).reshape(-1)
+    r = layer.router(x2d, modality)
+    out = [x2d.new_zeros(layer.experts.out_proj.shape[1]) for _ in range(x2d.shape[0])]
+    dropped = torch.zeros(config.num_modalities, dtype=F64)
+    assigned = torch.zeros(config.num_modalities, dtype=F64)
+    if config.router == "token_choice":
+        num_tokens, k = r.indices.shape
+        capacity = math.inf
+        if config.capacity_factor is not None:
+            capacity = math.ceil(config.capacity_factor * num_tokens * k / config.num_experts)
+        used = [0] * config.num_experts
+        for slot in range(k):
+            for t in range(num_tokens):
+                e = int(r.indices[t, slot])
+                assigned[modality[t]] += 1
+                if used[e] >= capacity:
+                    dropped[modality[t]] += 1
+                    continue
+                used[e] += 1
+                out[t] = out[t] + r.weights[t, slot].to(x.dtype) * expert_ffn(layer.experts, e, x2d[t : t + 1])[0]
+    else:
+        for e in range(config.num_experts):
+            for c in range(r.indices.shape[1]):
+                t, w = int(r.indices[e, c]), r.weights[e, c]
+                if w > 0:
+                    out[t] = out[t] + w.to(x.dtype) * expert_ffn(layer.experts, e, x2d[t : t + 1])[0]
+    y = torch.stack(out)
+    if layer.shared_experts is not None:
+        y = y + layer.shared_experts(x2d)
+    return y.view(*x.shape[:-1], -1), dropped / assigned.clamp(min=1)
+
+
+def assert_close(actual, expected, atol=1e-10, rtol=1e-8, **kw):
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, **kw)
+
+
+# ----------------------------------------------------------- 1. grouped == loop == reference
+
+
+EXPERT_VARIANTS = {  # name: (expert_type, bias, out_features)
+    "swiglu": ("swiglu", None, None),
+    "gelu": ("gelu", None, None),
+    "swiglu_bias_wider_out": ("swiglu", True, 24),
+    "gelu_nobias": ("gelu", False, None),
+}
+
+
+@pytest.mark.parametrize("routing", list(ROUTING))
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("variant", list(EXPERT_VARIANTS))
+def test_grouped_equals_loop_equals_reference(routing, mode, variant):
+    router, capacity_factor = ROUTING[routing]
+    expert_type, bias, out_features = EXPERT_VARIANTS[variant]
+    grouped = make_layer(
+        **MODES[mode], top_k=2, router=router, capacity_factor=capacity_factor, modality_mode=mode,
+        expert_type=expert_type, implementation="grouped", bias=bias, out=out_features,
+    )
+    assert (grouped.experts.in_bias is not None) == (bias if bias is not None else expert_type == "gelu")
+    loop = clone_with(grouped, implementation="loop")
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, DIM, dtype=F64)
+    grad_out = torch.randn(2, 8, out_features or DIM, dtype=F64)
+    modality = two_modalities()
+
+    out_g, gx_g, grads_g = run_layer(grouped, x, modality, grad_out)
+    out_l, gx_l, grads_l = run_layer(loop, x, modality, grad_out)
+
+    # The reference: plain autograd through a per-assignment loop.
+    grouped.zero_grad(set_to_none=True)
+    xr = x.clone().requires_grad_(True)
+    y_ref, dropped_ref = reference_forward(grouped, xr, modality)
+    (y_ref * grad_out).sum().backward()
+    grads_ref = {name: p.grad for name, p in grouped.named_parameters()}
+
+    assert_close(out_g.hidden_states, y_ref)
+    assert_close(out_l.hidden_states, y_ref)
+    assert_close(gx_g, xr.grad)
+    assert_close(gx_l, xr.grad)
+    assert set(grads_g) == set(grads_l) == set(grads_ref)
+    for name in grads_ref:
+        assert_close(grads_g[name], grads_ref[name], msg=f"grouped grad of {name}")
+        assert_close(grads_l[name], grads_ref[name], msg=f"loop grad of {name}")
+    # The router learns through the routing weights (the loss above has no aux term).
+    assert grads_g["router.weight"].abs().sum() > 0
+    for field in ("router_logits", "load", "dropped", "tokens", "load_balance", "entropy"):
+        assert torch.equal(getattr(out_g, field), getattr(out_l, field)), field
+    assert_close(out_g.dropped.double(), dropped_ref, atol=1e-7, rtol=0)
+    if routing == "token_capacity":
+        assert out_g.dropped.sum() > 0, "capacity_factor=0.5 must drop assignments"
+    else:
+        assert out_g.dropped.sum() == 0
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_parameter_grads_without_input_grad(implementation):
+    """The first layer of a model gets an input that needs no gradient; parameters still learn."""
+    layer = make_layer(num_experts=4, top_k=2, expert_type="gelu", implementation=implementation)
+    x = torch.randn(2, 8, DIM, dtype=F64)
+    grad_out = torch.randn(2, 8, DIM, dtype=F64)
+    _, gx, grads = run_layer(layer, x, None, grad_out, input_grad=False)
+    _, _, grads_ref = run_layer(layer, x, None, grad_out, input_grad=True)
+    assert gx is None
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], msg=name)
+
+
+@pytest.mark.parametrize("expert_type", ["swiglu", "gelu"])
+def test_grouped_backward_gradcheck(expert_type):
+    """The hand-written backward against finite differences, with an expert that gets no rows."""
+    torch.manual_seed(0)
+    experts = Experts(3, 4, 5, expert_type=expert_type, dtype=F64)
+    x = torch.randn(4, 4, dtype=F64, requires_grad=True)
+    weights = torch.rand(5, dtype=F64, requires_grad=True)
+    token_idx, sizes = torch.tensor([0, 2, 3, 1, 2]), [3, 0, 2]
+
+    def fn(x, weights, in_proj, in_bias, out_proj, out_bias):
+        return GroupedExpertsFunction.apply(
+            x, weights, token_idx, sizes, in_proj, in_bias, out_proj, out_bias, experts.gated, experts.activation
+        )
+
+    inputs = (x, weights, experts.in_proj, experts.in_bias, experts.out_proj, experts.out_bias)
+    assert torch.autograd.gradcheck(fn, inputs)
+    # And the loop implementation agrees on the same dispatch.
+    dispatch = Dispatch(token_idx, weights, sizes)
+    experts.implementation = "loop"
+    y_loop = experts(x, dispatch)
+    assert_close(fn(*inputs), y_loop)
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without grouped_mm")
+@pytest.mark.parametrize(
+    "dtype, dim, hidden",
+    [
+        pytest.param(torch.float32, 16, 32, id="float32"),
+        pytest.param(torch.bfloat16, 16, 32, id="bfloat16"),
+        # BUG (see the report): the grouped_mm branch is taken for any dtype and width on CUDA, but
+        # torch's grouped_mm takes only float32/bfloat16/float16 with rows a multiple of 16 bytes.
+        pytest.param(torch.float64, 16, 32, id="float64"),
+        pytest.param(torch.float32, 18, 30, id="float32-unaligned"),
+        pytest.param(torch.bfloat16, 20, 36, id="bfloat16-unaligned"),
+    ],
+)
+@pytest.mark.parametrize("expert_type", ["swiglu", "gelu"])
+def test_grouped_mm_branch_equals_loop(monkeypatch, expert_type, dtype, dim, hidden):
+    """The ``F.grouped_mm`` branch (taken on CUDA), run on CPU where torch has it too.
+
+    torch's grouped_mm validates its inputs the same way on every device, so this is what a
+    CUDA run of the layer does, minus the kernel.
+    """
+    monkeypatch.setattr(experts_module, "_has_grouped_mm", lambda device: True)
+    grouped = make_layer(dtype=dtype, dim=dim, hidden=hidden, num_experts=4, top_k=2, expert_type=expert_type)
+    loop = clone_with(grouped, implementation="loop")
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, dim).to(dtype)
+    grad_out = torch.randn(2, 8, dim).to(dtype)
+    out_g, gx_g, grads_g = run_layer(grouped, x, None, grad_out)
+    out_l, gx_l, grads_l = run_layer(loop, x, None, grad_out)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+    assert_close(out_g.hidden_states, out_l.hidden_states, **tol)
+    assert_close(gx_g, gx_l, **tol)
+    for name in grads_l:
+        assert_close(grads_g[name], grads_l[name], **tol, msg=name)
+
+
+# ------------------------------------------------------------- 2. one expert, top-1 == dense
+
+
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("expert_type", ["swiglu", "gelu"])
+def test_one_expert_top1_equals_dense(expert_type, implementation, router):
+    layer = make_layer(
+        num_experts=1, top_k=1, router=router, expert_type=expert_type, implementation=implementation
+    )
+    dense = FeedForward(DIM, HIDDEN, expert_type=expert_type, dtype=F64)
+    experts = layer.experts
+    with torch.no_grad():
+        dense.fc_in.weight.copy_(experts.in_proj[0])
+        dense.fc_out.weight.copy_(experts.out_proj[0])
+        if expert_type == "gelu":
+            dense.fc_in.bias.copy_(experts.in_bias[0])
+            dense.fc_out.bias.copy_(experts.out_bias[0])
+        else:
+            assert dense.fc_in.bias is None and experts.in_bias is None
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, DIM, dtype=F64)
+    grad_out = torch.randn(3, 5, DIM, dtype=F64)
+    out, gx, grads = run_layer(layer, x, None, grad_out)
+    xd = x.clone().requires_grad_(True)
+    y = dense(xd)
+    (y * grad_out).sum().backward()
+
+    assert_close(out.hidden_states, y)
+    assert_close(gx, xd.grad)
+    assert_close(grads["experts.in_proj"][0], dense.fc_in.weight.grad)
+    assert_close(grads["experts.out_proj"][0], dense.fc_out.weight.grad)
+    if expert_type == "gelu":
+        assert_close(grads["experts.in_bias"][0], dense.fc_in.bias.grad)
+        assert_close(grads["experts.out_bias"][0], dense.fc_out.bias.grad)
+    # A softmax over one expert is constant: the router gets no gradient from the output.
+    assert_close(grads["router.weight"], torch.zeros_like(layer.router.weight))
+    assert out.load.tolist() == [[1.0], [0.0]]
+
+
+def test_shared_expert_adds_a_dense_mlp():
+    layer = make_layer(num_experts=4, top_k=2, num_shared_experts=2)
+    # The same router and experts without the shared expert (strict=False drops its weights).
+    plain = make_layer(num_experts=4, top_k=2, num_shared_experts=0, seed=1)
+    plain.load_state_dict(layer.state_dict(), strict=False)
+    assert torch.equal(plain.router.weight, layer.router.weight)
+    assert layer.shared_experts.fc_in.weight.shape == (2 * 2 * HIDDEN, DIM)  # two expert widths, gated
+    x = torch.randn(2, 5, DIM, dtype=F64)
+    assert_close(layer(x), plain(x) + layer.shared_experts(x))
+
+
+# ------------------------------------------------------------------------- 3. upcycling
+
+
+def _timm_mlp(act_layer=nn.GELU):
+    from timm.layers import Mlp
+
+    return Mlp(DIM, HIDDEN, act_layer=act_layer)
+
+
+def _llama_mlp(bias: bool = False):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    return LlamaMLP(LlamaConfig(hidden_size=DIM, intermediate_size=HIDDEN, hidden_act="silu", mlp_bias=bias, num_attention_heads=2))
+
+
+DENSE_MLPS = {
+    "timm_gelu": (_timm_mlp, "gelu"),
+    "timm_gelu_tanh": (functools.partial(_timm_mlp, functools.partial(nn.GELU, approximate="tanh")), "gelu"),
+    "llama": (_llama_mlp, "swiglu"),
+    "llama_bias": (functools.partial(_llama_mlp, True), "swiglu"),
+    "feedforward": (functools.partial(FeedForward, DIM, HIDDEN), "swiglu"),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("num_shared_experts", [0, 1])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dense_name", list(DENSE_MLPS))
+def test_upcycled_layer_equals_dense_parent(dense_name, implementation, num_shared_experts, mode):
+    build, expert_type = DENSE_MLPS[dense_name]
+    torch.manual_seed(0)
+    dense = build().to(F64)
+    config = MoEConfig(
+        **MODES[mode], top_k=2, modality_mode=mode, num_shared_experts=num_shared_experts,
+        implementation=implementation, expert_type="gelu" if expert_type == "swiglu" else "swiglu",
+    )
+    layer = MoELayer.from_dense(dense, config)
+    assert layer.config.expert_type == expert_type  # follows the dense MLP, not the config
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, DIM, dtype=F64)
+    grad_out = torch.randn(2, 8, DIM, dtype=F64)
+    out, gx, _ = run_layer(layer, x, two_modalities(), grad_out)
+    xd = x.clone().requires_grad_(True)
+    y = dense(xd)
+    (y * grad_out).sum().backward()
+    # The router works in float32: the renormalised top-k weights sum to one up to float32 rounding.
+    assert_close(out.hidden_states, y, atol=1e-6, rtol=1e-6)
+    assert_close(gx, xd.grad, atol=1e-6, rtol=1e-6)
+
+    # Not vacuous: perturbed experts no longer compute the dense MLP.
+    noisy = MoELayer.from_dense(dense, config, noise_std=0.1)
+    assert not torch.allclose(noisy.experts.in_proj[0], noisy.experts.in_proj[1])
+    assert not torch.allclose(noisy(x, two_modalities()), y, atol=1e-4)
+
+
+# ----------------------------------------------------------- 4. transformers' Mixtral block
+
+
+def _mixtral(top_k: int, experts_implementation: str):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = MixtralConfig(
+        hidden_size=32, intermediate_size=64, num_local_experts=4, num_experts_per_tok=top_k, router_jitter_noise=0.0
+    )
+    config._experts_implementation = experts_implementation
+    torch.manual_seed(0)
+    block = MixtralSparseMoeBlock(config)  # parameters are torch.empty: initialise them
+    with torch.no_grad():
+        block.gate.weight.normal_(std=0.5)
+        block.experts.gate_up_proj.normal_(std=32**-0.5)
+        block.experts.down_proj.normal_(std=64**-0.5)
+    assert block.experts.config._experts_implementation == experts_implementation
+    return block
+
+
+def _layer_from_mixtral(block, implementation: str) -> MoELayer:
+    config = MoEConfig(
+        num_experts=4, top_k=block.top_k, expert_type="swiglu", normalize_top_k=True, implementation=implementation
+    )
+    layer = MoELayer(32, 64, config=config)
+    with torch.no_grad():
+        layer.router.weight.copy_(block.gate.weight.unsqueeze(0))  # (1, E, D)
+        layer.experts.in_proj.copy_(block.experts.gate_up_proj)  # (E, 2H, D), rows [gate; up]
+        layer.experts.out_proj.copy_(block.experts.down_proj)  # (E, D, H)
+    return layer
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("hf_implementation", ["eager", "grouped_mm", "batched_mm"])
+def test_equals_transformers_mixtral_block(hf_implementation, implementation, top_k):
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    block = _mixtral(top_k, hf_implementation)
+    layer = _layer_from_mixtral(block, implementation)
+    torch.manual_seed(1)
+    x = torch.randn(2, 7, 32)
+    grad_out = torch.randn(2, 7, 32)
+
+    out, gx, grads = run_layer(layer, x, None, grad_out)
+    xh = x.clone().requires_grad_(True)
+    y = block(xh)
+    (y * grad_out).sum().backward()
+    tol = {"atol": 1e-5, "rtol": 1e-4}
+    assert_close(out.hidden_states, y, **tol)
+    assert_close(gx, xh.grad, **tol)
+    assert_close(grads["router.weight"][0], block.gate.weight.grad, **tol)
+    assert_close(grads["experts.in_proj"], block.experts.gate_up_proj.grad, **tol)
+    assert_close(grads["experts.out_proj"], block.experts.down_proj.grad, **tol)
+
+    # Load-balancing loss (single modality) and its gradient wrt the router.
+    router_logits = block.gate(x.view(-1, 32))[0]
+    assert_close(out.router_logits, router_logits, **tol)
+    hf_loss = load_balancing_loss_func((router_logits,), 4, top_k)
+    lb = layer.forward_with_aux(x).load_balance_loss
+    assert_close(lb, hf_loss, **tol)
+    (g_ours,) = torch.autograd.grad(lb, layer.router.weight)
+    (g_hf,) = torch.autograd.grad(hf_loss, block.gate.weight)
+    assert_close(g_ours[0], g_hf, **tol)
+
+
+@pytest.mark.parametrize("capacity_factor, capacity", [(None, 6), (0.5, 3), (2.0, 12), (10.0, 24)])
+def test_expert_choice_capacity_and_selection(capacity_factor, capacity):
+    """Each expert takes its ``min(T, ceil(capacity_factor * T * top_k / E))`` most probable positions."""
+    layer = make_layer(num_experts=8, top_k=2, router="expert_choice", capacity_factor=capacity_factor)
+    x = torch.randn(24, DIM, dtype=F64)
+    r = layer.router(x, torch.zeros(24, dtype=torch.long))
+    assert r.indices.shape == r.weights.shape == (8, capacity)
+    for e in range(8):
+        expected = r.probs[:, e].topk(capacity)
+        assert torch.equal(r.weights[e], expected.values)
+        assert set(r.indices[e].tolist()) == set(expected.indices.tolist())
+
+
+@pytest.mark.parametrize("capacity_factor", [0.25, 0.5, 1.0])
+def test_token_choice_capacity_bounds_every_expert(capacity_factor):
+    layer = make_layer(num_experts=4, top_k=2, capacity_factor=capacity_factor)
+    with torch.no_grad():  # unbalanced on purpose: expert 0 is everyone's favourite
+        layer.router.weight[0, 0] += 0.5
+    x = torch.randn(20, DIM, dtype=F64)
+    x[:, 0] = 1.0
+    r = layer.router(x, torch.zeros(20, dtype=torch.long))
+    dispatch, _, experts, dropped = layer.router.dispatch(r)
+    capacity = math.ceil(capacity_factor * 20 * 2 / 4)
+    assert max(dispatch.group_sizes) == capacity  # the favourite is full
+    assert dispatch.group_sizes == [min(c, capacity) for c in torch.bincount(experts, minlength=4).tolist()]
+    assert dropped.numel() == 40 - sum(dispatch.group_sizes) > 0
+
+
+def test_built_on_meta_then_materialised_and_loaded():
+    """Build on ``meta``, materialise, initialise, load a checkpoint: the same layer as the checkpoint's.
+
+    BUG (see the report): ``router.blocked`` and ``experts_allowed`` are non-persistent buffers
+    derived from the config; ``to_empty`` leaves them uninitialised, nothing recomputes them and
+    the checkpoint does not carry them.
+    """
+    config = MoEConfig(**PARTITION, top_k=2, modality_mode="partitioned")
+    reference = MoELayer(DIM, HIDDEN, config=config)
+    layer = MoELayer(DIM, HIDDEN, config=config, device="meta")
+    layer.to_empty(device="cpu")
+    for module in layer.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    layer.load_state_dict(reference.state_dict())
+    x, modality = torch.randn(2, 8, DIM), two_modalities()
+    out, expected = layer.forward_with_aux(x, modality), reference.forward_with_aux(x, modality)
+    assert_close(out.hidden_states, expected.hidden_states, atol=0, rtol=0)
+    assert_close(out.load, expected.load, atol=0, rtol=0)
+    assert_close(out.load_balance_loss, expected.load_balance_loss, atol=0, rtol=0)
+
+
+# ------------------------------------------------- 5. partitioned routing, per-modality stats
+
+
+@pytest.mark.parametrize("present", ["both", "image_only"])
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_partitioned_never_routes_to_other_modalities_experts(router, present):
+    layer = make_layer(**PARTITION, top_k=2, modality_mode="partitioned", router=router)
+    allowed = torch.tensor(layer.config.allowed_experts())  # (M, E)
+    assert allowed.tolist() == [[True, True, False, True, True, True], [False, False, True, True, True, True]]
+    torch.manual_seed(1)
+    x = torch.randn(64, DIM, dtype=F64)
+    # With images only, the text expert (2) has no position it may take: with expert choice it
+    # still picks its top positions, all at probability zero, and none may reach it.
+    modality = torch.randint(0, 2, (64,)) if present == "both" else torch.zeros(64, dtype=torch.long)
+
+    r = layer.router(x, modality)
+    dispatch, positions, experts, _ = layer.router.dispatch(r)
+    assert torch.isinf(r.logits[~allowed[modality]]).all() and (r.probs[~allowed[modality]] == 0).all()
+    expert_of = torch.repeat_interleave(torch.arange(6), torch.tensor(dispatch.group_sizes))
+    assert allowed[modality[dispatch.token_idx], expert_of].all()
+    assert allowed[modality[positions], experts].all()
+    if router == "token_choice":
+        assert allowed[modality[:, None], r.indices].all()
+    out = layer.forward_with_aux(x, modality)
+    assert (out.load[~allowed] == 0).all()
+    assert (out.load[allowed] > 0).any()
+    if present == "image_only":
+        assert dispatch.group_sizes[2] == 0 and (out.load[1] == 0).all()
+    assert_close(out.hidden_states, reference_forward(layer, x, modality)[0])
+
+    # Not vacuous: the same router without the partition does use reserved experts across modalities.
+    unmasked = clone_with(layer, modality_mode="shared", experts_per_modality=[])
+    _, positions_u, experts_u, _ = unmasked.router.dispatch(unmasked.router(x, modality))
+    assert not allowed[modality[positions_u], experts_u].all()
+
+
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_per_modality_load_statistics(mode, router):
+    layer = make_layer(**MODES[mode], top_k=2, modality_mode=mode, router=router)
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, DIM, dtype=F64)
+    modality = two_modalities()
+    out = layer.forward_with_aux(x, modality)
+    flat = modality.reshape(-1)
+    r = layer.router(x.reshape(-1, DIM), flat)
+
+    num_experts = layer.config.num_experts
+    counts = torch.zeros(2, num_experts, dtype=F64)
+    if router == "token_choice":
+        for t, row in enumerate(r.indices.tolist()):
+            for e in row:
+                counts[flat[t], e] += 1
+    else:
+        for e in range(num_experts):
+            for t, w in zip(r.indices[e].tolist(), r.weights[e].tolist()):
+                if w > 0:
+                    counts[flat[t], e] += 1
+    assert out.tokens.tolist() == torch.bincount(flat, minlength=2).tolist() == [7, 9]
+    assert_close(out.load.double(), counts / counts.sum(-1, keepdim=True), atol=1e-7, rtol=0)
+    assert_close(out.load.sum(-1).double(), torch.ones(2, dtype=F64), atol=1e-6, rtol=0)
+    entropy = -(r.probs * r.probs.clamp(min=1e-30).log()).sum(-1)
+    expected_entropy = torch.stack([entropy[flat == m].mean() for m in range(2)])
+    assert_close(out.entropy, expected_entropy, atol=1e-6, rtol=1e-6)
+
+    # Per-position modality matters in per_modality mode: the routers differ.
+    if mode == "per_modality":
+        r0 = layer.router(x.reshape(-1, DIM), torch.zeros_like(flat))
+        r1 = layer.router(x.reshape(-1, DIM), torch.ones_like(flat))
+        assert_close(r.logits, torch.where(flat[:, None] == 0, r0.logits, r1.logits))
+        assert not torch.allclose(r0.logits, r1.logits)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_per_modality_load_balance_equals_transformers(mode):
+    """Each modality's loss is transformers' loss on its positions, over the experts it may use."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    layer = make_layer(**MODES[mode], top_k=2, modality_mode=mode, dtype=torch.float32)
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, DIM)
+    modality = two_modalities()
+    out = layer.forward_with_aux(x, modality)
+    flat = modality.reshape(-1)
+    allowed = torch.tensor(layer.config.allowed_experts())
+    expected = []
+    for m in range(2):
+        logits = out.router_logits[flat == m][:, allowed[m]]  # the experts modality m may use
+        expected.append(load_balancing_loss_func((logits,), int(allowed[m].sum()), 2))
+    expected = torch.stack(expected)
+    assert_close(out.load_balance, expected, atol=1e-6, rtol=1e-5)
+    assert_close(out.load_balance_loss, expected.mean(), atol=1e-6, rtol=1e-5)
+
+    # A modality absent from the batch: zero tokens, zero load, zero loss, and out of the mean.
+    text_only = layer.forward_with_aux(x, 1)
+    assert text_only.tokens.tolist() == [0, 16]
+    assert (text_only.load[0] == 0).all() and text_only.load_balance[0] == 0
+    assert_close(text_only.load_balance_loss, text_only.load_balance[1])
+
+
+# ------------------------------------------------------------------- 6. known aux values
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_aux_losses_under_uniform_routing(mode, top_k):
+    """Zero router weights: every allowed expert has the same probability, so (whatever ties
+    top-k breaks to) the load-balance loss is sum_e f_e * n * (1/n) = top_k, the z-loss is
+    log(n)^2 and the entropy log(n), with n the experts the modality may use."""
+    layer = make_layer(**MODES[mode], top_k=top_k, modality_mode=mode)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+    modality = two_modalities()
+    out = layer.forward_with_aux(torch.randn(2, 8, DIM, dtype=F64), modality)
+    n = torch.tensor(layer.config.allowed_experts()).sum(-1).double()  # (M,)
+    assert_close(out.load_balance.double(), torch.full((2,), float(top_k), dtype=F64), atol=1e-6, rtol=0)
+    assert out.load_balance_loss.item() == pytest.approx(top_k, abs=1e-6)
+    per_position = n[modality.reshape(-1)].log().square()
+    assert out.z_loss.item() == pytest.approx(per_position.mean().item(), abs=1e-6)
+    assert_close(out.entropy.double(), n.log(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("top_k, expected", [(1, 4 * 0.5), (2, 4 * (0.5 + 1 / 6))])
+def test_aux_losses_under_collapsed_routing(top_k, expected):
+    """Logits (log 3, 0, 0, 0) for every position: p = (1/2, 1/6, 1/6, 1/6); every position
+    picks expert 0 (and, with top-2, one of the tied others), so the Switch loss is
+    E * sum_e f_e p_e = 4 * (1 * 1/2 [+ 1 * 1/6]) and the z-loss log(6)^2."""
+    layer = make_layer(num_experts=4, top_k=top_k)
+    x = torch.randn(10, DIM, dtype=F64)
+    x[:, 0] = 1.0
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0, 0] = math.log(3.0)
+    out = layer.forward_with_aux(x)
+    assert_close(out.router_logits[:, 0], torch.full((10,), math.log(3.0), dtype=torch.float32))
+    assert out.load_balance_loss.item() == pytest.approx(expected, rel=1e-6)
+    assert out.z_loss.item() == pytest.approx(math.log(6.0) ** 2, rel=1e-6)
+    assert out.load[0, 0].item() == pytest.approx(1.0 / top_k)
+    assert out.load[0].sum().item() == pytest.approx(1.0)
+    # The weighted aux loss uses the config's weights.
+    expected_aux = layer.config.aux_loss_weight * expected + layer.config.z_loss_weight * math.log(6.0) ** 2
+    assert layer.aux_loss(out).item() == pytest.approx(expected_aux, rel=1e-6)
+
+
+def test_jitter_noise_only_while_training():
+    layer = make_layer(num_experts=4, top_k=2, jitter_noise=0.5)
+    plain = clone_with(layer, jitter_noise=0.0)
+    x = torch.randn(2, 8, DIM, dtype=F64)
+    layer.eval()
+    assert torch.equal(layer.forward_with_aux(x).router_logits, plain.forward_with_aux(x).router_logits)
+    layer.train()
+    assert not torch.allclose(layer.forward_with_aux(x).router_logits, plain.forward_with_aux(x).router_logits)
+
+
+# ------------------------------------------------------------------------------ 7. errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"num_experts": 4, "top_k": 5}, "top_k"),
+        ({"top_k": 0}, "top_k"),
+        ({"expert_type": "relu"}, "expert_type"),
+        ({"capacity_factor": 0.0}, "capacity_factor"),
+        ({"capacity_factor": -1.0}, "capacity_factor"),
+        ({"router": "hash"}, "router"),
+        ({"modality_mode": "both"}, "modality_mode"),
+        ({"implementation": "triton"}, "implementation"),
+        ({"num_experts": 0}, "num_experts"),
+        ({"modality_mode": "partitioned", "experts_per_modality": [2]}, "experts_per_modality"),
+        ({"modality_mode": "partitioned", "num_experts": 4, "experts_per_modality": [3, 2]}, "experts_per_modality"),
+        ({"modality_mode": "partitioned", "num_experts": 4, "top_k": 2, "experts_per_modality": [0, 3]},
+         "experts_per_modality"),
+        ({"experts_per_modality": [1, 1]}, "experts_per_modality"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        MoEConfig(**kwargs)
+
+
+def test_expert_choice_refused_in_causal_layer():
+    config = MoEConfig(num_experts=4, top_k=2, router="expert_choice")
+    with pytest.raises(ValueError, match="expert_choice.*causal"):
+        MoELayer(DIM, HIDDEN, config=config, causal=True)
+    MoELayer(DIM, HIDDEN, config=config, causal=False)  # fine in an encoder layer
+    MoELayer(DIM, HIDDEN, config=MoEConfig(num_experts=4, top_k=2), causal=True)  # token choice is fine
+
+
+def test_layer_errors():
+    with pytest.raises(ValueError, match="norm_layer"):
+        MoELayer(DIM, HIDDEN, norm_layer=nn.LayerNorm, config=MoEConfig(num_experts=2, top_k=1))
+    with pytest.raises(ValueError, match="act_layer"):
+        MoELayer(DIM, HIDDEN, act_layer=nn.ReLU, config=MoEConfig(num_experts=2, top_k=1, expert_type="gelu"))
+    with pytest.raises(ValueError, match="cannot upcycle"):
+        MoELayer.from_dense(nn.Linear(DIM, DIM), MoEConfig(num_experts=2, top_k=1))
+    with pytest.raises(ValueError, match="expert_type"):
+        Experts(2, DIM, HIDDEN, expert_type="relu")
+
+
+# ---------------------------------------------------------------------------- 8. timm ViT
+
+
+def _vit(mlp_layer=None):
+    from timm.models.vision_transformer import VisionTransformer
+
+    kwargs = {"mlp_layer": mlp_layer} if mlp_layer is not None else {}
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0, **kwargs)
+
+
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_timm_vit_with_moe_layers(router):
+    config = MoEConfig(num_experts=4, top_k=2, router=router, modality_mode="per_modality")
+    model = _vit(functools.partial(MoELayer, config=config))
+    moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    assert len(moe_layers) == 2
+    images = torch.randn(2, 3, 32, 32)
+    with moe_scope(model, 0) as records:
+        features = model(images)
+    assert features.shape == (2, 32) and torch.isfinite(features).all()
+    assert len(records) == 2 and all(r.hidden_states.shape == (2, 17, 32) for r in records)
+    loss = features.square().mean() + sum(layer.aux_loss(r) for layer, r in zip(moe_layers, records))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    for layer in moe_layers:
+        assert layer.router.weight.grad[0].abs().sum() > 0  # image router
+        assert layer.router.weight.grad[1].abs().sum() == 0  # text router unused by images
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_upcycled_timm_vit_equals_dense_vit(implementation):
+    dense = _vit()
+    upcycled = _vit()
+    upcycled.load_state_dict(dense.state_dict())
+    config = MoEConfig(num_experts=4, top_k=2, implementation=implementation)
+    for block in upcycled.blocks:
+        block.mlp = MoELayer.from_dense(block.mlp, config)
+    images = torch.randn(2, 3, 32, 32)
+    assert_close(upcycled(images), dense(images), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- 9. moe_scope
+
+
+def _two_layer_model(mode="per_modality"):
+    first = make_layer(num_experts=4, top_k=2, modality_mode=mode, seed=0)
+    second = make_layer(num_experts=4, top_k=2, modality_mode=mode, seed=1)
+    return nn.Sequential(first, nn.GELU(), second), first, second
+
+
+def test_moe_scope_collects_and_routes_by_modality():
+    model, first, second = _two_layer_model()
+    x = torch.randn(2, 5, DIM, dtype=F64)
+    expected = {m: second(F.gelu(first(x, m)), m) for m in (0, 1)}
+    assert not torch.allclose(expected[0], expected[1])  # per_modality routers differ
+
+    for m in (0, 1):
+        with moe_scope(model, m) as records:
+            y = model(x)
+        assert_close(y, expected[m], atol=0, rtol=0)
+        assert len(records) == 2
+        assert_close(records[0].hidden_states, first(x, m), atol=0, rtol=0)
+        assert_close(records[1].hidden_states, y, atol=0, rtol=0)
+        assert records[0].tokens.tolist() == ([10, 0] if m == 0 else [0, 10])
+
+    # Outside any scope: nothing is recorded and the modality is back to the default (0).
+    model(x)
+    assert len(records) == 2
+    assert_close(model(x), expected[0], atol=0, rtol=0)
+
+    # A per-position modality tensor reaches the layers as it is.
+    modality = two_modalities(2, 5)
+    with moe_scope(model, modality) as records:
+        y = model(x)
+    assert_close(y, second(F.gelu(first(x, modality)), modality), atol=0, rtol=0)
+    assert records[1].tokens.tolist() == torch.bincount(modality.reshape(-1)).tolist()
+
+
+def test_moe_scope_nests_and_restores_on_error():
+    model, first, second = _two_layer_model()
+    x = torch.randn(2, 5, DIM, dtype=F64)
+    y1 = second(F.gelu(first(x, 1)), 1)
+    with moe_scope(model, 1) as outer:
+        model(x)
+        with moe_scope(model, 0) as inner:
+            model(x)
+        assert_close(model(x), y1, atol=0, rtol=0)  # the outer modality is back
+    assert len(outer) == 4 and len(inner) == 2
+    assert [r.tokens.tolist() for r in outer] == [[0, 10]] * 4
+    assert [r.tokens.tolist() for r in inner] == [[10, 0]] * 2
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with moe_scope(model, 1) as records:
+            model(x)
+            raise RuntimeError("boom")
+    model(x)
+    assert len(records) == 2
+    assert_close(model(x), second(F.gelu(first(x, 0)), 0), atol=0, rtol=0)
+
+
+def test_moe_scope_shared_layer_records_every_call():
+    """One layer used twice (sharing across towers): one record per call, gradients from both."""
+    layer = make_layer(num_experts=4, top_k=2)
+    model = nn.Sequential(layer, nn.GELU(), layer)
+    x = torch.randn(2, 5, DIM, dtype=F64)
+    with moe_scope(model) as records:
+        y = model(x)
+    assert len(records) == 2
+    assert_close(records[0].hidden_states, layer(x), atol=0, rtol=0)
+    assert_close(y, layer(F.gelu(layer(x))), atol=0, rtol=0)
+    assert len(list(model.parameters())) == len(list(layer.parameters()))
+
+
+# ------------------------------------------------------------------ 10. dtypes and devices
+
+
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("expert_type", ["swiglu", "gelu"])
+def test_bfloat16(expert_type, implementation, router):
+    layer32 = make_layer(
+        dtype=torch.float32, num_experts=4, top_k=2, expert_type=expert_type, implementation=implementation,
+        router=router, num_shared_experts=1,
+    )
+    layer16 = clone_with(layer32, dtype=torch.bfloat16)
+    layer32.load_state_dict(layer16.state_dict())  # float32 copies of the bfloat16 weights
+    assert all(p.dtype == torch.bfloat16 for p in layer16.parameters())
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, DIM).bfloat16()
+    grad_out = torch.randn(2, 8, DIM)
+    modality = two_modalities()
+
+    out16, gx16, grads16 = run_layer(layer16, x, modality, grad_out.bfloat16())
+    out32, gx32, grads32 = run_layer(layer32, x.float(), modality, grad_out)
+    assert out16.hidden_states.dtype == torch.bfloat16 and gx16.dtype == torch.bfloat16
+    assert out16.router_logits.dtype == torch.float32
+    # The router runs in float32 on the same values: identical logits, hence identical routing.
+    assert torch.equal(out16.router_logits, out32.router_logits)
+    assert torch.equal(out16.load, out32.load)
+    tol = {"atol": 3e-2, "rtol": 3e-2}
+    assert_close(out16.hidden_states.float(), out32.hidden_states, **tol)
+    assert_close(gx16.float(), gx32, **tol)
+    for name, g in grads16.items():
+        assert g.dtype == torch.bfloat16 and torch.isfinite(g).all(), name
+        scale = grads32[name].abs().max().clamp(min=1e-3)
+        assert_close(g.float() / scale, grads32[name] / scale, **tol, msg=name)
+
+
+def test_builds_on_meta_device():
+    layer = MoELayer(DIM, HIDDEN, config=MoEConfig(num_experts=4, top_k=2, num_shared_experts=1), device="meta")
+    assert all(p.device.type == "meta" for p in layer.parameters())
+    assert set(layer.state_dict()) == {
+        "router.weight", "experts.in_proj", "experts.out_proj",
+        "shared_experts.fc_in.weight", "shared_experts.fc_out.weight",
+    }
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dim, hidden", [(64, 128), (18, 30)], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("expert_type", ["swiglu", "gelu"])
+def test_grouped_equals_loop_on_cuda(expert_type, dtype, dim, hidden):
+    torch.manual_seed(0)
+    config = MoEConfig(num_experts=8, top_k=2, expert_type=expert_type, implementation="grouped")
+    grouped = MoELayer(dim, hidden, config=config, device="cuda", dtype=dtype)
+    loop = clone_with(grouped, implementation="loop")
+    x = torch.randn(4, 32, dim, device="cuda", dtype=dtype)
+    grad_out = torch.randn(4, 32, dim, device="cuda", dtype=dtype)
+    out_g, gx_g, grads_g = run_layer(grouped, x, None, grad_out)
+    out_l, gx_l, grads_l = run_layer(loop, x, None, grad_out)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-4, "rtol": 1e-4}
+    assert_close(out_g.hidden_states, out_l.hidden_states, **tol)
+    assert_close(gx_g, gx_l, **tol)
+    for name in grads_l:
+        assert_close(grads_g[name], grads_l[name], **tol, msg=name)

@@ -1,0 +1,155 @@
+"""train.py: smoke run, resume after kill -9, 2 processes, bad configs, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import train
+from vlmoe.training import load_config
+from vlmoe.training.checkpoint import complete_checkpoints, latest_checkpoint, save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = [
+    "model.vision.img_size=32", "model.vision.embed_dim=32", "model.vision.depth=2", "model.vision.num_heads=2",
+    "model.decoder.text_config.hidden_size=32", "model.decoder.text_config.intermediate_size=64",
+    "model.decoder.text_config.num_hidden_layers=2", "model.decoder.text_config.num_attention_heads=2",
+    "model.decoder.text_config.num_key_value_heads=2", "model.moe.num_experts=4", "model.tokenizer.vocab_size=300",
+    "model.tokenizer.train_samples=200", "data.num_workers=0", "data.shuffle_buffer=20", "data.batch_size=4",
+    "data.eval_batch_size=8", "train.log_every=1", "train.stats_every=2", "optim.warmup_steps=2",
+]
+
+
+def overrides(shapes: str, run_dir: str, name: str, *extra: str) -> list[str]:
+    data = [
+        f"data.train=[{{pattern: '{shapes}/caption/train-*.tar', task: caption}}, "
+        f"{{pattern: '{shapes}/vqa/train-*.tar', task: vqa, weight: 2.0}}]",
+        f"data.val=[{{pattern: '{shapes}/vqa/val-*.tar', task: vqa}}]",
+    ]
+    return TINY_MODEL + data + [f"train.output_dir={run_dir}", f"train.name={name}", *extra]
+
+
+def losses(run_dir: str) -> dict[int, float]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def run_script(args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
+    command = (launcher or [sys.executable]) + [os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/tiny.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen(command + args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_step_smoke_run(shapes, tmp_path):
+    history = train.main(["--config", os.path.join(ROOT, "configs/tiny.yaml"),
+                          *overrides(shapes, str(tmp_path), "smoke", "train.steps=2", "train.eval_every=2",
+                                     "train.eval_samples=8")])
+    run = tmp_path / "smoke"
+    assert (run / "config.yaml").is_file() and (run / "final" / "model.safetensors").is_file()
+    assert (run / "final" / "tokenizer.json").is_file()
+    assert set(losses(str(run))) == {1, 2}
+    assert 0.0 <= history["val/vqa_exact_match"] <= 1.0 and history["val/vqa_loss"] > 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(k.startswith("moe/vision0/image/load_e") for k in records[1])  # routing stats at step 2
+    assert any(k.startswith("moe/decoder1/text/entropy") for k in records[1])
+    assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(run) for name in files)
+
+
+def test_kill_and_resume_matches_uninterrupted_run(shapes, tmp_path):
+    steps = ["train.steps=10", "train.checkpoint_every=3", "train.keep_checkpoints=2"]
+    reference = run_script(overrides(shapes, str(tmp_path), "reference", *steps))
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
+
+    killed = run_script(overrides(shapes, str(tmp_path), "killed", *steps))
+    run_dir = str(tmp_path / "killed")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (latest_checkpoint(run_dir) and max(losses(run_dir), default=0) >= 7):
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert latest_checkpoint(run_dir) is not None and max(losses(run_dir)) < 10
+    resumed = run_script(overrides(shapes, str(tmp_path), "killed", *steps) + ["--resume", "auto"])
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    assert losses(run_dir) == losses(str(tmp_path / "reference"))  # every step, bit for bit
+    assert len(complete_checkpoints(run_dir)) == 2
+
+
+def test_two_processes_match_one_process(shapes, tmp_path):
+    steps = ["train.steps=6", "optim.lr=1e-3"]
+    single = run_script(overrides(shapes, str(tmp_path), "single", *steps, "data.batch_size=8"))
+    assert single.wait(timeout=300) == 0, single.stderr.read()[-3000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
+    double = run_script(overrides(shapes, str(tmp_path), "double", *steps, "data.batch_size=4"), launcher)
+    assert double.wait(timeout=300) == 0, double.stderr.read()[-3000:]
+    one, two = losses(str(tmp_path / "single")), losses(str(tmp_path / "double"))
+    assert set(one) == set(two) == set(range(1, 7))
+    # Same initial model and global batch; the processes see other samples, so losses agree within noise.
+    assert abs(two[1] - one[1]) / one[1] < 0.05
+    mean_one, mean_two = sum(one.values()) / 6, sum(two.values()) / 6
+    assert abs(mean_two - mean_one) / mean_one < 0.10
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("model.moe.top_kk=2", "model.moe.top_kk"),
+        ("model.moe.top_k=two", "model.moe.top_k"),
+        ("model.moe.top_k=9", "top_k"),
+        ("model.moe.capacity_factor=0", "capacity_factor"),
+        ("model.moe.expert_type=relu_mlp", "expert_type"),
+        ("optim.freeze=[everything]", "optim.lr_mult/freeze"),
+        ("train.mixed_precision=fp8", "train.mixed_precision"),
+        ("train.steps=0", "train.steps"),
+    ],
+)
+def test_bad_config_names_the_key(override, match):
+    with pytest.raises(ValueError, match=match.replace(".", r"\.").replace("/", "/")):
+        load_config(os.path.join(ROOT, "configs/tiny.yaml"), [override])
+
+
+def test_missing_config_file_and_empty_data():
+    with pytest.raises(ValueError, match="no such file"):
+        load_config("configs/missing.yaml")
+    with pytest.raises(ValueError, match="data.train"):
+        load_config(None, [])
+
+
+class _FailingAccelerator:
+    """Writes part of a checkpoint, then dies, as a kill during save would."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, path):
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "model.safetensors"), "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt("killed during save")
+
+
+class _Accelerator(_FailingAccelerator):
+    def save_state(self, path):
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "model.safetensors"), "wb") as f:
+            f.write(b"complete")
+
+
+def test_interrupted_checkpoint_write_keeps_the_last_complete_one(tmp_path):
+    run = str(tmp_path)
+    good = save_checkpoint(_Accelerator(), run, 5, {"step": 5}, keep=2)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(_FailingAccelerator(), run, 10, {"step": 10}, keep=2)
+    assert latest_checkpoint(run) == good
+    assert os.path.isdir(os.path.join(run, "checkpoints", ".partial-step_00000010"))
+    save_checkpoint(_Accelerator(), run, 15, {"step": 15}, keep=2)
+    assert [os.path.basename(p) for p in complete_checkpoints(run)] == ["step_00000005", "step_00000015"]
+    assert not any(n.startswith(".partial") for n in os.listdir(os.path.join(run, "checkpoints")))

@@ -1,0 +1,139 @@
+"""Evaluate a model on caption or VQA shards: predictions, metrics, routing pictures.
+
+Notable choices:
+- The shards are split across processes by the data pipeline (each sample exactly once);
+  predictions are gathered with ``gather_object`` and scored once, on the main process.
+- Each batch is generated with the KV cache (transformers' ``generate``); one extra
+  teacher-forced forward over [image ; prompt ; generated text] records the routing of every
+  position for the routing summary and pictures.
+- Files: ``metrics.json``, ``predictions.json`` in the official results format (COCO captions
+  ``[{"image_id", "caption"}]``, VQA ``[{"question_id", "answer"}]``), ``samples.jsonl`` for
+  error analysis, ``routing.json``, ``routing_load.png`` and ``routing_patches.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from itertools import islice
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from ..data import DataSource, build_loader
+from ..tasks import GenerationCollate
+from .caption_metrics import compute_caption_metrics, normalize_caption
+from .routing import RoutingSummary, denormalize, patch_experts, plot_load_heatmap, plot_patch_experts
+from .vqa_metrics import compute_vqa_metrics, vqa_accuracy
+
+
+@dataclass
+class EvalOptions:
+    batch_size: int = 32
+    num_beams: int = 1
+    max_new_tokens: int = 24
+    limit: int | None = None
+    num_workers: int = 1
+    num_pictures: int = 4
+
+
+def _prediction_record(task: str, sample, text: str) -> dict:
+    if task == "caption":
+        return {"image_id": sample.image_id, "caption": text}
+    return {"question_id": sample.question_id, "answer": text}
+
+
+def _sample_record(task: str, sample, text: str) -> dict:
+    record = {"key": sample.key, "image_id": sample.image_id, "prediction": text}
+    if task == "caption":
+        refs = {normalize_caption(c) for c in sample.captions}
+        return {**record, "references": sample.captions, "exact_match": normalize_caption(text) in refs}
+    return {
+        **record, "question_id": sample.question_id, "question": sample.question, "question_type": sample.question_type,
+        "answers": sample.answers, "vqa_accuracy": vqa_accuracy(text, sample.answers),
+    }
+
+
+def compute_metrics(task: str, records: list[dict]) -> dict:
+    preds = [r["prediction"] for r in records]
+    if task == "caption":
+        return compute_caption_metrics(preds, [r["references"] for r in records])
+    types = [r["question_type"] for r in records]
+    return compute_vqa_metrics(preds, [r["answers"] for r in records], types if all(types) else None)
+
+
+@torch.no_grad()
+def evaluate(
+    model, processor, shards: str, task: str, output_dir: str, options: EvalOptions | None = None,
+    accelerator: Accelerator | None = None,
+) -> dict:
+    """Generate for every sample of ``shards``, score, and write the evaluation files to ``output_dir``."""
+    options = options or EvalOptions()
+    acc = accelerator or Accelerator()
+    model = model.to(acc.device).eval()
+    loader = build_loader(
+        DataSource(shards, task), train=False, batch_size=options.batch_size, collate=GenerationCollate(processor),
+        rank=acc.process_index, world_size=acc.num_processes, num_workers=options.num_workers,
+    )
+    batches = iter(loader)
+    if options.limit is not None:  # every process takes its share of the first ``limit`` samples
+        batches = islice(batches, math.ceil(options.limit / (options.batch_size * acc.num_processes)))
+    records, summary, pictures = [], RoutingSummary(), None
+    start = time.perf_counter()
+    for batch, samples in tqdm(batches, desc=f"eval {task}", disable=not acc.is_main_process):
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        generated = model.generate(**batch, max_new_tokens=options.max_new_tokens, num_beams=options.num_beams, do_sample=False)
+        texts = processor.decode(generated, batch["input_ids"].shape[1])
+        records += [_sample_record(task, s, t) | {"_pred": _prediction_record(task, s, t)} for s, t in zip(samples, texts)]
+        routing = _routing_forward(model, batch, generated)
+        summary.add(routing)
+        if pictures is None and acc.is_main_process:
+            pictures = _patch_pictures(model, processor, batch, routing, options.num_pictures)
+    elapsed = time.perf_counter() - start
+    records = gather_object(records)
+    summaries = gather_object([summary])
+    if options.limit is not None:
+        records = records[: options.limit]
+    if not acc.is_main_process:
+        return {}
+    for other in summaries[1:]:
+        summaries[0].merge(other)
+    metrics = compute_metrics(task, records)
+    metrics["images_per_s"] = round(len(records) / max(elapsed, 1e-9), 3)
+    _write(output_dir, task, metrics, records, summaries[0], pictures, model.config.moe.num_experts)
+    return metrics
+
+
+def _routing_forward(model, batch: dict, generated: torch.Tensor):
+    """Routing of every position of the generated sequences (teacher-forced, no cache)."""
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(generated[:, batch["input_ids"].shape[1]:])], dim=1)
+    return model(input_ids=generated, attention_mask=mask, pixel_values=batch["pixel_values"], use_cache=False).routing
+
+
+def _patch_pictures(model, processor, batch: dict, routing, num_images: int):
+    vision = model.config.vision
+    maps = patch_experts(routing, num_images, model.vision.num_prefix_tokens, model.vision.grid_size)
+    if not maps:
+        return None
+    images = denormalize(batch["pixel_values"][:num_images], vision.image_mean, vision.image_std)
+    return images, maps
+
+
+def _write(output_dir: str, task: str, metrics: dict, records: list[dict], summary: RoutingSummary, pictures, num_experts: int) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    with open(os.path.join(output_dir, "predictions.json"), "w") as f:
+        json.dump([r.pop("_pred") for r in records], f)
+    with open(os.path.join(output_dir, "samples.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    summary.save_json(os.path.join(output_dir, "routing.json"))
+    if summary.counts:
+        plot_load_heatmap(summary, os.path.join(output_dir, "routing_load.png"))
+    if pictures is not None:
+        plot_patch_experts(*pictures, num_experts, os.path.join(output_dir, "routing_patches.png"))
