@@ -10,6 +10,7 @@ Writes (``--output DIR``)::
     DIR/refs/caption_{split}.json           COCO-style caption references
     DIR/refs/vqa_{split}_{questions,annotations}.json   VQAv2-style references
     DIR/index.json                          shard patterns and counts per split
+    DIR/images/test-%06d.png                the first --export-images test images as files
 
 Notable choices:
 - Each image holds 1-3 shapes (circle, square, triangle; 6 colours; small or large) drawn
@@ -295,6 +296,9 @@ def write_split(output: Path, split: str, count: int, args: argparse.Namespace) 
             index, image = item["index"], ("png", item["png"])
             key = f"{split}-{index:06d}"
             meta = {"image_id": index, "shapes": item["shapes"]}
+            if split == "test" and index < args.export_images:  # plain files to try the caption script on
+                (output / "images").mkdir(parents=True, exist_ok=True)
+                (output / "images" / f"{key}.png").write_bytes(item["png"])
             cap_writer.write(caption_sample(key, image, item["captions"], meta))
             caption_refs.append((index, item["captions"]))
             for j, (qtype, question, answer) in enumerate(item["questions"]):
@@ -328,6 +332,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     parser.add_argument("--questions-per-image", type=int, default=3,
                         help=f"questions of distinct types per image (1-{len(QUESTION_TYPES)})")
+    parser.add_argument("--export-images", type=int, default=8,
+                        help="also write the first N test images as PNG files to OUTPUT/images/")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="rendering processes")
     args = parser.parse_args(argv)
     if args.image_size < 32:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmoe.moe import Dispatch, Experts, FeedForward, MoEConfig, MoELayer, moe_scope
+from vlmoe.moe import Dispatch, Experts, FeedForward, MoEConfig, MoELayer, SharedMoE, moe_layers_of, moe_scope
 from vlmoe.moe import experts as experts_module
 from vlmoe.moe.experts import GroupedExpertsFunction
 
@@ -241,8 +241,8 @@ def test_grouped_backward_gradcheck(expert_type):
     [
         pytest.param(torch.float32, 16, 32, id="float32"),
         pytest.param(torch.bfloat16, 16, 32, id="bfloat16"),
-        # BUG (see the report): the grouped_mm branch is taken for any dtype and width on CUDA, but
-        # torch's grouped_mm takes only float32/bfloat16/float16 with rows a multiple of 16 bytes.
+        # torch's grouped_mm takes only float32/bfloat16/float16 with rows a multiple of 16 bytes:
+        # the layer falls back to the per-expert loop for these.
         pytest.param(torch.float64, 16, 32, id="float64"),
         pytest.param(torch.float32, 18, 30, id="float32-unaligned"),
         pytest.param(torch.bfloat16, 20, 36, id="bfloat16-unaligned"),
@@ -255,7 +255,7 @@ def test_grouped_mm_branch_equals_loop(monkeypatch, expert_type, dtype, dim, hid
     torch's grouped_mm validates its inputs the same way on every device, so this is what a
     CUDA run of the layer does, minus the kernel.
     """
-    monkeypatch.setattr(experts_module, "_has_grouped_mm", lambda device: True)
+    monkeypatch.setattr(experts_module, "_grouped_mm_available", lambda device: True)
     grouped = make_layer(dtype=dtype, dim=dim, hidden=hidden, num_experts=4, top_k=2, expert_type=expert_type)
     loop = clone_with(grouped, implementation="loop")
     torch.manual_seed(1)
@@ -473,12 +473,8 @@ def test_token_choice_capacity_bounds_every_expert(capacity_factor):
 
 
 def test_built_on_meta_then_materialised_and_loaded():
-    """Build on ``meta``, materialise, initialise, load a checkpoint: the same layer as the checkpoint's.
-
-    BUG (see the report): ``router.blocked`` and ``experts_allowed`` are non-persistent buffers
-    derived from the config; ``to_empty`` leaves them uninitialised, nothing recomputes them and
-    the checkpoint does not carry them.
-    """
+    """Build on ``meta``, materialise, initialise, load a checkpoint: the same layer as the checkpoint's
+    (the partition mask and per-modality expert counts follow from the config, not from buffers)."""
     config = MoEConfig(**PARTITION, top_k=2, modality_mode="partitioned")
     reference = MoELayer(DIM, HIDDEN, config=config)
     layer = MoELayer(DIM, HIDDEN, config=config, device="meta")
@@ -586,6 +582,16 @@ def test_per_modality_load_balance_equals_transformers(mode):
     expected = torch.stack(expected)
     assert_close(out.load_balance, expected, atol=1e-6, rtol=1e-5)
     assert_close(out.load_balance_loss, expected.mean(), atol=1e-6, rtol=1e-5)
+    # The same gradient into the router (finite although partitioned logits hold -inf).
+    (grad,) = torch.autograd.grad(out.load_balance_loss, layer.router.weight, retain_graph=True)
+    (grad_expected,) = torch.autograd.grad(expected.mean(), layer.router.weight, retain_graph=True)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert_close(grad, grad_expected, atol=1e-6, rtol=1e-5)
+    # z-loss: mean over positions of logsumexp over the experts each position may use, squared.
+    lse = torch.stack([out.router_logits[t, allowed[flat[t]]].logsumexp(-1) for t in range(16)])
+    assert_close(out.z_loss, lse.square().mean(), atol=1e-6, rtol=1e-6)
+    (grad_z,) = torch.autograd.grad(out.z_loss, layer.router.weight)
+    assert torch.isfinite(grad_z).all()
 
     # A modality absent from the batch: zero tokens, zero load, zero loss, and out of the mean.
     text_only = layer.forward_with_aux(x, 1)
@@ -677,7 +683,7 @@ def test_config_errors_name_the_field(kwargs, field):
 
 def test_expert_choice_refused_in_causal_layer():
     config = MoEConfig(num_experts=4, top_k=2, router="expert_choice")
-    with pytest.raises(ValueError, match="expert_choice.*causal"):
+    with pytest.raises(ValueError, match=r"moe\.router='expert_choice'.*causal"):
         MoELayer(DIM, HIDDEN, config=config, causal=True)
     MoELayer(DIM, HIDDEN, config=config, causal=False)  # fine in an encoder layer
     MoELayer(DIM, HIDDEN, config=MoEConfig(num_experts=4, top_k=2), causal=True)  # token choice is fine
@@ -807,6 +813,37 @@ def test_moe_scope_shared_layer_records_every_call():
     assert_close(records[0].hidden_states, layer(x), atol=0, rtol=0)
     assert_close(y, layer(F.gelu(layer(x))), atol=0, rtol=0)
     assert len(list(model.parameters())) == len(list(layer.parameters()))
+    # The shared parameters get the sum of both calls' gradients.
+    grad_out = torch.randn_like(y)
+    (y * grad_out).sum().backward()
+    first, second = clone_with(layer), clone_with(layer)
+    (second(F.gelu(first(x))) * grad_out).sum().backward()
+    for (name, p), p1, p2 in zip(layer.named_parameters(), first.parameters(), second.parameters()):
+        assert_close(p.grad, p1.grad + p2.grad, msg=name)
+
+
+def test_moe_scope_reaches_a_layer_shared_through_shared_moe():
+    """A decoder calling the encoder's layer through ``SharedMoE``: the scope reaches it, every
+    call is recorded, the layer is listed once and saved once (by its owner)."""
+    layer = make_layer(num_experts=4, top_k=2, modality_mode="per_modality")
+    encoder = nn.Sequential(layer)
+    decoder = nn.Sequential(nn.Identity(), SharedMoE(layer))
+    model = nn.ModuleDict({"encoder": encoder, "decoder": decoder})
+    assert moe_layers_of(model) == [layer] and moe_layers_of(decoder) == [layer]
+    assert set(model.state_dict()) == {f"encoder.0.{k}" for k in layer.state_dict()}
+    assert decoder.state_dict() == {}
+    x = torch.randn(2, 5, DIM, dtype=F64)
+    with moe_scope(decoder, 1) as records:
+        y = decoder(x)
+    assert len(records) == 1
+    assert_close(y, layer(x, 1), atol=0, rtol=0)
+    with moe_scope(model, 0) as records:
+        encoder(x), decoder(x)
+    assert len(records) == 2
+    with moe_scope(decoder, 1):
+        pass
+    assert_close(decoder(x), layer(x, 0), atol=0, rtol=0)  # back to the default modality
+    assert len(records) == 2  # and nothing recorded outside the scope
 
 
 # ------------------------------------------------------------------ 10. dtypes and devices

@@ -172,8 +172,15 @@ class Experts(nn.Module):
         )
 
 
-def _has_grouped_mm(device: torch.device) -> bool:
+def _grouped_mm_available(device: torch.device) -> bool:
     return device.type == "cuda" and hasattr(F, "grouped_mm")
+
+
+def _grouped_mm_accepts(x: Tensor, *weights: Tensor) -> bool:
+    """``F.grouped_mm`` takes float32/bf16/fp16 with every row a multiple of 16 bytes."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    return all(w.shape[-1] * w.element_size() % 16 == 0 and w.shape[-2] * w.element_size() % 16 == 0 for w in weights)
 
 
 def _grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, sizes: list[int], offsets: Tensor | None) -> Tensor:
@@ -227,7 +234,7 @@ class GroupedExpertsFunction(torch.autograd.Function):
     def forward(ctx, x, weights, token_idx, sizes, in_proj, in_bias, out_proj, out_bias, gated, activation):
         act = EXPERT_ACTIVATIONS[activation][0]
         offsets = None
-        if _has_grouped_mm(x.device):
+        if _grouped_mm_available(x.device) and _grouped_mm_accepts(x, in_proj, out_proj):
             offsets = torch.tensor(sizes, device=x.device).cumsum(0).to(torch.int32)
         xs = x.index_select(0, token_idx)  # (N, D_in)
         h = _grouped_linear(xs, in_proj, in_bias, sizes, offsets)  # (N, G*H)

@@ -119,9 +119,6 @@ class MoELayer(nn.Module):
                 bias=bias, activation=self.experts.activation, **dd,
             )
         self.drop = nn.Dropout(drop)
-        self.register_buffer(
-            "experts_allowed", torch.tensor(config.allowed_experts(), device=device).sum(-1), persistent=False
-        )
         self._scope: tuple[Tensor | int | None, list[MoEOutput]] | None = None
 
     def forward(self, x: Tensor, modality: Tensor | int | None = None) -> Tensor:
@@ -162,7 +159,8 @@ class MoELayer(nn.Module):
         counts = counts.view(num_modalities, num_experts).float()  # (M, E) assignments before drops
         if isinstance(self.router, TokenChoiceRouter):
             mean_prob = probs.new_zeros(num_modalities, num_experts).index_add_(0, modality, probs) / per_tokens
-            load_balance = self.experts_allowed * ((counts / per_tokens) * mean_prob).sum(-1)  # (M,)
+            experts_allowed = torch.tensor(self.config.allowed_experts(), device=y.device).sum(-1)  # (M,)
+            load_balance = experts_allowed * ((counts / per_tokens) * mean_prob).sum(-1)  # (M,)
             present = tokens > 0
             load_balance_loss = load_balance[present].mean()
         else:  # expert choice balances load by construction

@@ -48,11 +48,20 @@ class Router(nn.Module, ABC):
         self.config = config
         self.num_experts = config.num_experts
         num_routers = config.num_modalities if config.modality_mode == "per_modality" else 1
-        self.weight = nn.Parameter(torch.zeros(num_routers, config.num_experts, in_features, device=device, dtype=dtype))
-        nn.init.normal_(self.weight, std=in_features**-0.5)
-        allowed = torch.tensor(config.allowed_experts(), device=device)
-        # Only partitioned mode masks; the buffer is not saved (it follows from the config).
-        self.register_buffer("blocked", ~allowed if config.modality_mode == "partitioned" else None, persistent=False)
+        self.weight = nn.Parameter(torch.empty(num_routers, config.num_experts, in_features, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.weight.shape[-1] ** -0.5)
+
+    def blocked(self, device: torch.device) -> Tensor | None:
+        """``(M, E)``: True where a modality may not use an expert (partitioned mode), else None.
+
+        Derived from the config, not a buffer: it stays right through meta-device builds and loads.
+        """
+        if self.config.modality_mode != "partitioned":
+            return None
+        return ~torch.tensor(self.config.allowed_experts(), device=device)
 
     def logits(self, x: Tensor, modality: Tensor) -> Tensor:
         """``x``: ``(T, D)``, ``modality``: ``(T,)`` ints. Returns float32 ``(T, E)``."""
@@ -64,8 +73,9 @@ class Router(nn.Module, ABC):
         if num_routers > 1:
             logits = logits.view(-1, num_routers, num_experts)  # (T, M, E)
             logits = logits.gather(1, modality.view(-1, 1, 1).expand(-1, 1, num_experts)).squeeze(1)
-        if self.blocked is not None:
-            logits = logits.masked_fill(self.blocked[modality], float("-inf"))
+        blocked = self.blocked(logits.device)
+        if blocked is not None:
+            logits = logits.masked_fill(blocked[modality], float("-inf"))
         return logits  # (T, E)
 
     def forward(self, x: Tensor, modality: Tensor) -> RouterOutput:

@@ -163,6 +163,8 @@ class Trainer:
         cfg = self.config.train
         acc = self.accelerator
         acc.init_trackers("tensorboard")
+        if self.state.step == 0 and acc.is_main_process and os.path.isfile(self.metrics_path):
+            os.remove(self.metrics_path)  # a fresh run does not append to an old run's log
         batches = self._batches()
         bar = tqdm(total=cfg.steps, initial=self.state.step, disable=not acc.is_main_process, desc="train")
         window_start, window_samples = time.perf_counter(), 0
