@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in chunk:
             try:
                 loaded.append((path, open_image(path)))
-            except (OSError, ValueError) as err:
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
                 failed += 1
                 print(f"error: {path}: cannot read image ({err})", file=sys.stderr)
         if not loaded:

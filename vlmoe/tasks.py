@@ -58,8 +58,8 @@ class GenerationCollate:
 
 @torch.no_grad()
 def generate_from_batch(model, processor: VLMoEProcessor, batch: dict[str, torch.Tensor], **generate_kwargs) -> list[str]:
-    """Texts generated for a ``generation_batch``; greedy with 16 new tokens unless told otherwise."""
-    generate_kwargs = {"max_new_tokens": 16, "do_sample": False, **generate_kwargs}
+    """Texts generated for a ``generation_batch``; greedy with 24 new tokens unless told otherwise."""
+    generate_kwargs = {"max_new_tokens": 24, "do_sample": False, **generate_kwargs}
     batch = {k: v.to(model.device) for k, v in batch.items()}
     generated = model.generate(**batch, **generate_kwargs)
     return processor.decode(generated, batch["input_ids"].shape[1])

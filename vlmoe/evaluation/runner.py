@@ -74,18 +74,12 @@ def evaluate(
 ) -> dict:
     """Generate for every sample of ``shards``, score, and write the evaluation files to ``output_dir``."""
     options = options or EvalOptions()
-    acc = accelerator or Accelerator()
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     model = model.to(acc.device).eval()
-    loader = build_loader(
-        DataSource(shards, task), train=False, batch_size=options.batch_size, collate=GenerationCollate(processor),
-        rank=acc.process_index, world_size=acc.num_processes, num_workers=options.num_workers,
-    )
-    batches = iter(loader)
-    if options.limit is not None:  # every process takes its share of the first ``limit`` samples
-        batches = islice(batches, math.ceil(options.limit / (options.batch_size * acc.num_processes)))
     records, summary, pictures = [], RoutingSummary(), None
     start = time.perf_counter()
-    for batch, samples in tqdm(batches, desc=f"eval {task}", disable=not acc.is_main_process):
+    for batch, samples in tqdm(_batches(processor, shards, task, options, acc), desc=f"eval {task}",
+                               disable=not acc.is_main_process):
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         generated = model.generate(**batch, max_new_tokens=options.max_new_tokens, num_beams=options.num_beams, do_sample=False)
         texts = processor.decode(generated, batch["input_ids"].shape[1])
@@ -97,8 +91,6 @@ def evaluate(
     elapsed = time.perf_counter() - start
     records = gather_object(records)
     summaries = gather_object([summary])
-    if options.limit is not None:
-        records = records[: options.limit]
     if not acc.is_main_process:
         return {}
     for other in summaries[1:]:
@@ -107,6 +99,28 @@ def evaluate(
     metrics["images_per_s"] = round(len(records) / max(elapsed, 1e-9), 3)
     _write(output_dir, task, metrics, records, summaries[0], pictures, model.config.moe.num_experts)
     return metrics
+
+
+def _batches(processor, shards: str, task: str, options: EvalOptions, acc: Accelerator):
+    """This process's generation batches: its share of all samples, or of the first ``limit``.
+
+    With a limit, every process reads the same first ``limit`` samples and keeps every P-th batch,
+    so the samples evaluated do not depend on the number of processes.
+    """
+    limited = options.limit is not None
+    loader = build_loader(
+        DataSource(shards, task), train=False, batch_size=options.batch_size, collate=GenerationCollate(processor),
+        rank=0 if limited else acc.process_index, world_size=1 if limited else acc.num_processes,
+        num_workers=options.num_workers,
+    )
+    if not limited:
+        yield from loader
+        return
+    batches = islice(loader, math.ceil(options.limit / options.batch_size))
+    for i, (batch, samples) in enumerate(batches):
+        keep = min(len(samples), options.limit - i * options.batch_size)
+        if i % acc.num_processes == acc.process_index:
+            yield {k: v[:keep] for k, v in batch.items()}, samples[:keep]
 
 
 def _routing_forward(model, batch: dict, generated: torch.Tensor):

@@ -113,6 +113,7 @@ class Trainer:
         self.run_dir = train.run_dir
         moe_loop = config.model.moe.implementation == "loop"  # the loop leaves unrouted experts without grads
         self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),  # so torchrun on CPU forms one gloo group
             mixed_precision=train.mixed_precision, log_with="tensorboard", project_dir=self.run_dir,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=moe_loop)],
         )
