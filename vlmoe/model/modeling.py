@@ -167,13 +167,13 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         return routing
 
     def _losses(self, logits: Tensor, labels: Tensor | None, routing: list[RoutingRecord]) -> dict[str, Tensor | None]:
+        if labels is None:  # generation: no loss terms (and no router statistics computed)
+            return {"loss": None, "lm_loss": None, "aux_loss": None, "z_loss": None}
         moe = self.config.moe
         aux = z = None
         if routing:
             aux = moe.aux_loss_weight * torch.stack([r.output.load_balance_loss for r in routing]).mean()
             z = moe.z_loss_weight * torch.stack([r.output.z_loss for r in routing]).mean()
-        if labels is None:
-            return {"loss": None, "lm_loss": None, "aux_loss": aux, "z_loss": z}
         lm = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
         )

@@ -14,8 +14,10 @@ Notable choices:
      allocate a full-size gradient per expert.
   3. Gather and scatter happen once each way (``index_select`` / ``index_add_``); routing
      weights are applied to the expert output rows, and their gradient is ``<dy, y>``.
-  4. On CUDA the per-expert GEMMs go through ``torch.nn.functional.grouped_mm`` (one kernel
-     launch) where the installed torch has it; on CPU a GEMM per expert is as fast.
+  4. On CPU the work goes expert by expert (``_Blocks``): each expert's intermediates are a few
+     megabytes, stay in cache and are reused by the allocator, where ``(N, H)`` buffers would be
+     fresh pages faulted in on every call. On CUDA, ``torch.nn.functional.grouped_mm`` (where
+     the installed torch has it) runs each projection for all experts in one launch.
 """
 
 from __future__ import annotations
@@ -183,94 +185,119 @@ def _grouped_mm_accepts(x: Tensor, *weights: Tensor) -> bool:
     return all(w.shape[-1] * w.element_size() % 16 == 0 and w.shape[-2] * w.element_size() % 16 == 0 for w in weights)
 
 
-def _grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, sizes: list[int], offsets: Tensor | None) -> Tensor:
-    """Rows of ``x`` grouped by expert times each expert's ``weight[e].T``: ``(N, in) -> (N, out)``."""
-    if offsets is not None:
-        out = F.grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+class _Blocks:
+    """How one call walks the assignments: row blocks, each handled by one matmul per projection.
+
+    On CPU, a block per expert: its projections and activation run back to back while its rows
+    are in cache, and every intermediate is one expert's rows (megabytes, reused by the
+    allocator; an ``(N, H)`` buffer would be fresh pages to fault in on every call). With
+    ``F.grouped_mm`` (CUDA), one block holds every expert and each projection is one launch.
+    """
+
+    def __init__(self, sizes: list[int], device: torch.device, grouped: bool):
+        self.sizes = sizes
+        self.offsets = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32) if grouped else None
+        starts = [sum(sizes[:e]) for e in range(len(sizes))]
+        if grouped:
+            self.blocks = [(slice(0, sum(sizes)), slice(0, len(sizes)))]
+        else:
+            self.blocks = [(slice(s, s + n), slice(e, e + 1)) for e, (s, n) in enumerate(zip(starts, sizes)) if n]
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``x @ weight[e].T (+ bias[e])`` for the block's experts; ``weight`` is ``(E_b, out, in)``."""
+        if self.offsets is None:
+            return F.linear(x, weight[0], None if bias is None else bias[0])
+        out = F.grouped_mm(x, weight.transpose(1, 2), offs=self.offsets)
         if bias is not None:
-            out += bias.repeat_interleave(torch.tensor(sizes, device=x.device), dim=0)
+            out += bias.repeat_interleave(torch.tensor(self.sizes, device=x.device), dim=0)
         return out
-    out = x.new_empty(x.shape[0], weight.shape[1])
-    start = 0
-    for e, size in enumerate(sizes):
-        if size:
-            rows = slice(start, start + size)
-            if bias is None:
-                torch.mm(x[rows], weight[e].t(), out=out[rows])
-            else:
-                torch.addmm(bias[e], x[rows], weight[e].t(), out=out[rows])
-        start += size
-    return out
+
+    def input_grad(self, grad: Tensor, weight: Tensor) -> Tensor:
+        """``grad @ weight[e]`` for the block's experts."""
+        if self.offsets is None:
+            return torch.mm(grad, weight[0])
+        return F.grouped_mm(grad, weight, offs=self.offsets)
+
+    def weight_grad(self, grad: Tensor, inputs: Tensor, buffer: Tensor, experts: slice) -> Tensor:
+        """``grad_e.T @ inputs_e`` for the block's experts, in ``buffer[experts]``; returns the
+        gradient of every expert (with grouped_mm, a new tensor covering them all)."""
+        if self.offsets is not None:
+            return F.grouped_mm(grad.t(), inputs, offs=self.offsets)
+        torch.mm(grad.t(), inputs, out=buffer[experts.start])
+        return buffer
+
+    def bias_grad(self, grad: Tensor, buffer: Tensor | None, experts: slice) -> Tensor | None:
+        if buffer is None:
+            return None
+        if self.offsets is not None:
+            return torch.stack([g.sum(0) for g in grad.split(self.sizes)])
+        torch.sum(grad, dim=0, out=buffer[experts.start])
+        return buffer
 
 
-def _grouped_backward(
-    grad: Tensor, inputs: Tensor, weight: Tensor, has_bias: bool, sizes: list[int], need_input_grad: bool = True
-) -> tuple[Tensor | None, Tensor, Tensor | None]:
-    """Gradients of ``_grouped_linear`` for the input rows, the weight and the bias."""
-    grad_input = grad.new_empty(grad.shape[0], weight.shape[2]) if need_input_grad else None
-    grad_weight = torch.empty_like(weight)
-    grad_bias = grad.new_empty(weight.shape[0], weight.shape[1]) if has_bias else None
-    start = 0
-    for e, size in enumerate(sizes):
-        rows = slice(start, start + size)
-        start += size
-        if size == 0:
-            grad_weight[e].zero_()
-            if grad_bias is not None:
-                grad_bias[e].zero_()
-            continue
-        torch.mm(grad[rows].t(), inputs[rows], out=grad_weight[e])
-        if grad_input is not None:
-            torch.mm(grad[rows], weight[e], out=grad_input[rows])
-        if grad_bias is not None:
-            torch.sum(grad[rows], dim=0, out=grad_bias[e])
-    return grad_input, grad_weight, grad_bias
+def _activate(h: Tensor, gated: bool, act) -> tuple[Tensor, Tensor | None]:
+    """``act(gate) * value`` (gated) or ``act(h)``, and ``act(gate)`` for the backward."""
+    if not gated:
+        return act(h), None
+    gate, value = h.chunk(2, dim=-1)
+    act_gate = act(gate)
+    return act_gate * value, act_gate
+
+
+def _activate_backward(grad: Tensor, h: Tensor, act_gate: Tensor | None, act_backward) -> Tensor:
+    """The gradient of ``_activate`` with respect to ``h``."""
+    if act_gate is None:
+        return act_backward(grad, h)
+    gate, value = h.chunk(2, dim=-1)
+    return torch.cat([act_backward(grad * value, gate), grad * act_gate], dim=-1)
 
 
 class GroupedExpertsFunction(torch.autograd.Function):
-    """Fused gather -> expert FFNs -> weighted scatter-add, with a hand-written backward."""
+    """Fused gather -> expert FFNs -> weighted scatter-add, block by block, with a hand-written backward."""
 
     @staticmethod
     def forward(ctx, x, weights, token_idx, sizes, in_proj, in_bias, out_proj, out_bias, gated, activation):
         act = EXPERT_ACTIVATIONS[activation][0]
-        offsets = None
-        if _grouped_mm_available(x.device) and _grouped_mm_accepts(x, in_proj, out_proj):
-            offsets = torch.tensor(sizes, device=x.device).cumsum(0).to(torch.int32)
-        xs = x.index_select(0, token_idx)  # (N, D_in)
-        h = _grouped_linear(xs, in_proj, in_bias, sizes, offsets)  # (N, G*H)
-        if gated:
-            gate, value = h.chunk(2, dim=-1)
-            act_gate = act(gate)
-            a = act_gate * value  # (N, H)
-        else:
-            act_gate = None
-            a = act(h)
-        y = _grouped_linear(a, out_proj, out_bias, sizes, offsets)  # (N, D_out)
-        out = x.new_zeros(x.shape[0], y.shape[1]).index_add_(0, token_idx, y * weights[:, None])
-        ctx.save_for_backward(xs, h, act_gate, a, y, weights, token_idx, in_proj, out_proj)
-        ctx.meta = (sizes, gated, activation, in_bias is not None, out_bias is not None, x.shape[0])
+        plan = _Blocks(sizes, x.device, _grouped_mm_available(x.device) and _grouped_mm_accepts(x, in_proj, out_proj))
+        out = x.new_zeros(x.shape[0], out_proj.shape[1])  # (T, D_out)
+        saved = []
+        for rows, experts in plan.blocks:
+            xs = x.index_select(0, token_idx[rows])  # (n, D_in)
+            h = plan.linear(xs, in_proj[experts], None if in_bias is None else in_bias[experts])  # (n, G*H)
+            a, act_gate = _activate(h, gated, act)  # (n, H)
+            y = plan.linear(a, out_proj[experts], None if out_bias is None else out_bias[experts])  # (n, D_out)
+            out.index_add_(0, token_idx[rows], y * weights[rows, None])
+            saved.append((xs, h, act_gate, a, y))
+        ctx.save_for_backward(weights, token_idx, in_proj, out_proj)
+        ctx.blocks, ctx.plan = saved, plan
+        ctx.meta = (activation, in_bias is not None, out_bias is not None, x.shape)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        xs, h, act_gate, a, y, weights, token_idx, in_proj, out_proj = ctx.saved_tensors
-        sizes, gated, activation, has_in_bias, has_out_bias, num_tokens = ctx.meta
-        act_backward = EXPERT_ACTIVATIONS[activation][1]
-        gy = grad_out.index_select(0, token_idx)  # (N, D_out)
-        grad_weights = (gy * y).sum(-1) if ctx.needs_input_grad[1] else None
-        gy *= weights[:, None]
-        ga, grad_out_proj, grad_out_bias = _grouped_backward(gy, a, out_proj, has_out_bias, sizes)
-        if gated:
-            gate, value = h.chunk(2, dim=-1)
-            gh = torch.empty_like(h)
-            grad_gate, grad_value = gh.chunk(2, dim=-1)
-            torch.mul(ga, act_gate, out=grad_value)
-            grad_gate.copy_(act_backward(ga * value, gate))
-        else:
-            gh = act_backward(ga, h)
-        need_x = ctx.needs_input_grad[0]
-        gxs, grad_in_proj, grad_in_bias = _grouped_backward(gh, xs, in_proj, has_in_bias, sizes, need_x)
-        grad_x = None
-        if need_x:
-            grad_x = gxs.new_zeros(num_tokens, gxs.shape[1]).index_add_(0, token_idx, gxs)
+        weights, token_idx, in_proj, out_proj = ctx.saved_tensors
+        activation, has_in_bias, has_out_bias, x_shape = ctx.meta
+        plan, act_backward = ctx.plan, EXPERT_ACTIVATIONS[activation][1]
+        need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = grad_out.new_zeros(x_shape) if need_x else None
+        grad_weights = weights.new_zeros(weights.shape) if need_weights else None
+        grad_in_proj, grad_out_proj = torch.empty_like(in_proj), torch.empty_like(out_proj)
+        grad_in_bias = in_proj.new_empty(in_proj.shape[:2]) if has_in_bias else None
+        grad_out_bias = out_proj.new_empty(out_proj.shape[:2]) if has_out_bias else None
+        for (rows, experts), (xs, h, act_gate, a, y) in zip(plan.blocks, ctx.blocks):
+            gy = grad_out.index_select(0, token_idx[rows])  # (n, D_out)
+            if need_weights:
+                grad_weights[rows] = (gy * y).sum(-1)
+            gy *= weights[rows, None]
+            grad_out_proj = plan.weight_grad(gy, a, grad_out_proj, experts)
+            grad_out_bias = plan.bias_grad(gy, grad_out_bias, experts)
+            gh = _activate_backward(plan.input_grad(gy, out_proj[experts]), h, act_gate, act_backward)  # (n, G*H)
+            grad_in_proj = plan.weight_grad(gh, xs, grad_in_proj, experts)
+            grad_in_bias = plan.bias_grad(gh, grad_in_bias, experts)
+            if need_x:
+                grad_x.index_add_(0, token_idx[rows], plan.input_grad(gh, in_proj[experts]))
+        idle = [e for e, size in enumerate(plan.sizes) if size == 0]
+        for grad in (grad_in_proj, grad_out_proj, grad_in_bias, grad_out_bias):
+            if grad is not None and idle:
+                grad[idle] = 0  # experts that got no rows
         return grad_x, grad_weights, None, None, grad_in_proj, grad_in_bias, grad_out_proj, grad_out_bias, None, None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
-from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterator
 
 import torch
@@ -31,14 +31,15 @@ from .experts import Experts, FeedForward
 from .router import RouterOutput, TokenChoiceRouter, build_router
 
 
-@dataclass
 class MoEOutput:
-    """What one MoE layer returns for one call. Statistics are detached; losses are not.
+    """What one MoE layer returns for one call. Losses and statistics are computed when first
+    read (decoding reads none of them); statistics are detached, losses are not.
 
     Attributes:
         hidden_states: the layer output, shaped like the input.
         router_logits: ``(T, E)`` float32.
-        load_balance_loss: scalar, averaged over the modalities present.
+        load_balance_loss: scalar, averaged over the modalities present (0 for expert choice,
+            which balances load by construction).
         z_loss: scalar router z-loss.
         load: ``(M, E)`` fraction of each modality's assignments that went to each expert.
         load_balance: ``(M,)`` the load-balancing loss of each modality (0 where absent).
@@ -47,15 +48,60 @@ class MoEOutput:
         tokens: ``(M,)`` positions of each modality.
     """
 
-    hidden_states: Tensor
-    router_logits: Tensor
-    load_balance_loss: Tensor
-    z_loss: Tensor
-    load: Tensor
-    load_balance: Tensor
-    entropy: Tensor
-    dropped: Tensor
-    tokens: Tensor
+    def __init__(
+        self, hidden_states: Tensor, router_out: RouterOutput, modality: Tensor, positions: Tensor,
+        experts: Tensor, dropped: Tensor, config: MoEConfig, token_choice: bool,
+    ):
+        self.hidden_states = hidden_states
+        self.router_logits = router_out.logits
+        self._probs = router_out.probs
+        self._modality, self._positions, self._experts, self._dropped = modality, positions, experts, dropped
+        self._config, self._token_choice = config, token_choice
+
+    @cached_property
+    def tokens(self) -> Tensor:
+        return torch.bincount(self._modality, minlength=self._config.num_modalities)  # (M,)
+
+    @cached_property
+    def _counts(self) -> Tensor:
+        """``(M, E)`` assignments before drops."""
+        m, e = self._config.num_modalities, self._config.num_experts
+        index = self._modality[self._positions] * e + self._experts
+        return torch.bincount(index, minlength=m * e).view(m, e).float()
+
+    def _per_modality_mean(self, values: Tensor) -> Tensor:
+        """Mean of per-position ``values`` over each modality's positions."""
+        sums = values.new_zeros((self._config.num_modalities,) + values.shape[1:]).index_add_(0, self._modality, values)
+        return sums / self.tokens.clamp(min=1).view(-1, *([1] * (values.dim() - 1)))
+
+    @cached_property
+    def load_balance(self) -> Tensor:
+        if not self._token_choice:
+            return self._probs.new_zeros(self._config.num_modalities)
+        allowed = torch.tensor(self._config.allowed_experts(), device=self._probs.device).sum(-1)  # (M,)
+        fraction = self._counts / self.tokens.clamp(min=1).unsqueeze(-1)
+        return allowed * (fraction * self._per_modality_mean(self._probs)).sum(-1)  # (M,)
+
+    @cached_property
+    def load_balance_loss(self) -> Tensor:
+        return self.load_balance[self.tokens > 0].mean() if self._token_choice else self._probs.new_zeros(())
+
+    @cached_property
+    def z_loss(self) -> Tensor:
+        return torch.logsumexp(self.router_logits, dim=-1).square().mean()
+
+    @cached_property
+    def load(self) -> Tensor:
+        return (self._counts / self._counts.sum(-1, keepdim=True).clamp(min=1)).detach()
+
+    @cached_property
+    def entropy(self) -> Tensor:
+        return self._per_modality_mean(torch.special.entr(self._probs.detach()).sum(-1))
+
+    @cached_property
+    def dropped(self) -> Tensor:
+        dropped = torch.bincount(self._modality[self._dropped], minlength=self._config.num_modalities).float()
+        return dropped / self._counts.sum(-1).clamp(min=1)
 
 
 # Activation modules by class name: torch's and transformers' (ACT2FN) spellings.
@@ -140,42 +186,14 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         y = self.drop(y).view(*shape[:-1], -1)
-        return self._output(y, router_out, modality, positions, experts, dropped)
+        token_choice = isinstance(self.router, TokenChoiceRouter)
+        return MoEOutput(y, router_out, modality, positions, experts, dropped, self.config, token_choice)
 
     def _modality(self, modality: Tensor | int | None, lead_shape: torch.Size, device: torch.device) -> Tensor:
         if modality is None:
             modality = 0
         modality = torch.as_tensor(modality, device=device, dtype=torch.long)
         return modality.expand(lead_shape).reshape(-1)
-
-    def _output(
-        self, y: Tensor, router_out: RouterOutput, modality: Tensor, positions: Tensor, experts: Tensor, dropped: Tensor
-    ) -> MoEOutput:
-        num_modalities, num_experts = self.config.num_modalities, self.config.num_experts
-        logits, probs = router_out.logits, router_out.probs
-        tokens = torch.bincount(modality, minlength=num_modalities)  # (M,)
-        per_tokens = tokens.clamp(min=1).unsqueeze(-1).float()
-        counts = torch.bincount(modality[positions] * num_experts + experts, minlength=num_modalities * num_experts)
-        counts = counts.view(num_modalities, num_experts).float()  # (M, E) assignments before drops
-        if isinstance(self.router, TokenChoiceRouter):
-            mean_prob = probs.new_zeros(num_modalities, num_experts).index_add_(0, modality, probs) / per_tokens
-            experts_allowed = torch.tensor(self.config.allowed_experts(), device=y.device).sum(-1)  # (M,)
-            load_balance = experts_allowed * ((counts / per_tokens) * mean_prob).sum(-1)  # (M,)
-            present = tokens > 0
-            load_balance_loss = load_balance[present].mean()
-        else:  # expert choice balances load by construction
-            load_balance = probs.new_zeros(num_modalities)
-            load_balance_loss = probs.new_zeros(())
-        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
-        with torch.no_grad():
-            assignments = counts.sum(-1).clamp(min=1)
-            entropy = torch.special.entr(probs).sum(-1)
-            entropy = entropy.new_zeros(num_modalities).index_add_(0, modality, entropy) / per_tokens.squeeze(-1)
-            dropped = torch.bincount(modality[dropped], minlength=num_modalities).float() / assignments
-            load = counts / assignments.unsqueeze(-1)
-        return MoEOutput(
-            y, logits, load_balance_loss, z_loss, load, load_balance.detach(), entropy, dropped, tokens
-        )
 
     def aux_loss(self, out: MoEOutput) -> Tensor:
         """The weighted aux loss this layer adds to the training loss."""
