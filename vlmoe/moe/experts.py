@@ -8,12 +8,12 @@ Notable choices:
   autograd, one expert at a time); ``grouped`` is one fused autograd function.
 - NOTE on the grouped kernel:
   1. Assignments arrive sorted by expert, so each expert's rows are one contiguous slice and
-     every matmul is a plain GEMM on a slice, written in place with ``out=``.
+     every matmul is a plain GEMM on that expert's rows.
   2. Backward is written by hand: each expert's weight gradient lands directly in its slice
      of one preallocated ``[E, ...]`` buffer. Indexing the 3-D weight inside autograd would
      allocate a full-size gradient per expert.
-  3. Gather and scatter happen once each way (``index_select`` / ``index_add_``); routing
-     weights are applied to the expert output rows, and their gradient is ``<dy, y>``.
+  3. Each expert gathers its rows (``index_select``) and scatter-adds its weighted output
+     (``index_add_``); the routing weights' gradient is ``<dy, y>``.
   4. On CPU the work goes expert by expert (``_Blocks``): each expert's intermediates are a few
      megabytes, stay in cache and are reused by the allocator, where ``(N, H)`` buffers would be
      fresh pages faulted in on every call. On CUDA, ``torch.nn.functional.grouped_mm`` (where
