@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import train
 from vlmoe.training import load_config
@@ -153,3 +154,32 @@ def test_interrupted_checkpoint_write_keeps_the_last_complete_one(tmp_path):
     save_checkpoint(_Accelerator(), run, 15, {"step": 15}, keep=2)
     assert [os.path.basename(p) for p in complete_checkpoints(run)] == ["step_00000005", "step_00000015"]
     assert not any(n.startswith(".partial") for n in os.listdir(os.path.join(run, "checkpoints")))
+
+
+def test_nonfinite_losses_skip_steps_then_stop(shapes, tmp_path, monkeypatch):
+    from vlmoe.training.trainer import NonFiniteLossError, Trainer
+
+    config = load_config(os.path.join(ROOT, "configs/tiny.yaml"),
+                         overrides(shapes, str(tmp_path), "nan", "train.steps=8", "train.max_nonfinite=2",
+                                   "train.checkpoint_every=2"))
+    trainer = Trainer(config)
+    model = trainer.unwrapped
+    real_forward, calls, snapshots = model.forward, [], []
+
+    def forward(*args, **kwargs):  # steps 3 and later produce a NaN loss
+        calls.append(1)
+        snapshots.append([p.detach().clone() for p in model.parameters()])
+        out = real_forward(*args, **kwargs)
+        if len(calls) >= 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(model, "forward", forward)
+    with pytest.raises(NonFiniteLossError, match="max_nonfinite=2"):
+        trainer.fit()
+    assert len(calls) == 5  # 2 good steps, 2 skipped, the 3rd non-finite in a row stops the run
+    for before, after in zip(snapshots[2], snapshots[4]):  # skipped steps changed no parameter
+        assert torch.equal(before, after)
+    assert any(not torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[2]))  # good steps did
+    run_dir = str(tmp_path / "nan")
+    assert os.path.basename(latest_checkpoint(run_dir)) == "step_00000004"
