@@ -128,8 +128,9 @@ def test_same_seed_same_bytes_whatever_the_workers(tmp_path: Path) -> None:
     assert make_shapes.main(["--output", str(tmp_path / "b"), *common, "--workers", "2"]) == 0
     assert make_shapes.main(["--output", str(tmp_path / "c"), *common, "--workers", "1", "--seed", "1"]) == 0
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    # caption shards 3+1+1 (16 images each), VQA shards 8+2+2 (3 questions per image), 9 references, index
-    assert len(files) == 5 + 12 + 9 + 1
+    # caption shards 3+1+1 (16 images each), VQA shards 8+2+2 (3 questions per image), 9 references, index,
+    # and the 8 test images exported as PNG files
+    assert len(files) == 5 + 12 + 9 + 1 + 8
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     first = "caption/train-000000.tar"
