@@ -183,3 +183,13 @@ def test_nonfinite_losses_skip_steps_then_stop(shapes, tmp_path, monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[2]))  # good steps did
     run_dir = str(tmp_path / "nan")
     assert os.path.basename(latest_checkpoint(run_dir)) == "step_00000004"
+
+
+def test_bf16_autocast_with_gradient_accumulation(shapes, tmp_path):
+    # A process of its own: Accelerate's precision is fixed once per process.
+    run = run_script(overrides(shapes, str(tmp_path), "bf16", "train.steps=2", "train.mixed_precision=bf16",
+                               "train.grad_accum=2"))
+    assert run.wait(timeout=300) == 0, run.stderr.read()[-3000:]
+    recorded = losses(str(tmp_path / "bf16"))
+    assert set(recorded) == {1, 2} and all(torch.isfinite(torch.tensor(v)) for v in recorded.values())
+    assert (tmp_path / "bf16" / "final" / "model.safetensors").is_file()

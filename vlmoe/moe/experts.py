@@ -257,6 +257,19 @@ class GroupedExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weights, token_idx, sizes, in_proj, in_bias, out_proj, out_bias, gated, activation):
+        # Under autocast, compute in the autocast dtype explicitly (backward runs outside autocast).
+        ctx.dtypes = (x.dtype, weights.dtype, in_proj.dtype, None if in_bias is None else in_bias.dtype)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+            return GroupedExpertsFunction._forward(
+                ctx, cast(x), cast(weights), token_idx, sizes, cast(in_proj), cast(in_bias), cast(out_proj),
+                cast(out_bias), gated, activation,
+            )
+
+    @staticmethod
+    def _forward(ctx, x, weights, token_idx, sizes, in_proj, in_bias, out_proj, out_bias, gated, activation):
         act = EXPERT_ACTIVATIONS[activation][0]
         plan = _Blocks(sizes, x.device, _grouped_mm_available(x.device) and _grouped_mm_accepts(x, in_proj, out_proj))
         out = x.new_zeros(x.shape[0], out_proj.shape[1])  # (T, D_out)
@@ -300,4 +313,9 @@ class GroupedExpertsFunction(torch.autograd.Function):
         for grad in (grad_in_proj, grad_out_proj, grad_in_bias, grad_out_bias):
             if grad is not None and idle:
                 grad[idle] = 0  # experts that got no rows
-        return grad_x, grad_weights, None, None, grad_in_proj, grad_in_bias, grad_out_proj, grad_out_bias, None, None
+        x_dtype, weights_dtype, param_dtype, bias_dtype = ctx.dtypes
+        to = lambda t, dtype: None if t is None else t.to(dtype)  # noqa: E731
+        return (
+            to(grad_x, x_dtype), to(grad_weights, weights_dtype), None, None, to(grad_in_proj, param_dtype),
+            to(grad_in_bias, bias_dtype), to(grad_out_proj, param_dtype), to(grad_out_bias, bias_dtype), None, None,
+        )
