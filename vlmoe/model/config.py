@@ -51,6 +51,8 @@ class VisionConfig:
         moe_layers / moe_every: which blocks become MoE.
         image_mean, image_std, interpolation, crop_pct: preprocessing; ``None`` takes timm's
             data config of the model.
+        grid_size: patch tokens per side, resolved from the built model (hybrid ViTs with a
+            convolutional stem have fewer than ``img_size // patch_size``).
     """
 
     model_name: str = "vit_tiny_patch16_224"
@@ -67,6 +69,7 @@ class VisionConfig:
     image_std: list[float] | None = None
     interpolation: str | None = None
     crop_pct: float | None = None
+    grid_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.pretrained_file is not None and not os.path.isfile(self.pretrained_file):
@@ -180,8 +183,8 @@ class VLMoEConfig(PreTrainedConfig):
 
     @property
     def num_image_tokens(self) -> int:
-        """Image placeholder tokens per image (needs the resolved ``vision.img_size``/``patch_size``)."""
-        side = self.vision.img_size // self.vision.patch_size // self.projector.pool
+        """Image placeholder tokens per image (needs the resolved ``vision.grid_size``)."""
+        side = self.vision.grid_size // self.projector.pool
         return side * side
 
     def to_dict(self) -> dict[str, Any]:

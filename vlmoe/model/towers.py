@@ -67,6 +67,7 @@ class VisionTower(nn.Module):
         config.image_std = config.image_std or list(data["std"])
         config.interpolation = config.interpolation or data["interpolation"]
         config.crop_pct = config.crop_pct or data["crop_pct"]
+        config.grid_size = self.grid_size[0]
         config.pretrained_file = None
 
 
