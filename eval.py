@@ -2,7 +2,7 @@
 
     python eval.py --checkpoint runs/tiny/final --data "data/shapes/vqa/test-*.tar" --task vqa
     python eval.py --checkpoint runs/tiny/final --data "data/shapes/caption/test-*.tar" --task caption --num-beams 3
-    accelerate launch --num_processes 2 eval.py --checkpoint DIR --data SHARDS --task vqa   # several processes
+    torchrun --nproc_per_node 2 eval.py --checkpoint DIR --data SHARDS --task vqa   # several processes
 
 Writes to ``--output`` (default ``CHECKPOINT/eval_TASK``): ``metrics.json``, ``predictions.json``
 (official COCO caption / VQA results format), ``samples.jsonl``, ``routing.json``,
