@@ -42,10 +42,11 @@ class EvalOptions:
     num_pictures: int = 4
 
 
-def _prediction_record(task: str, sample, text: str) -> dict:
+def _prediction_record(task: str, record: dict) -> dict:
+    """One entry of the official results format, from a per-sample record."""
     if task == "caption":
-        return {"image_id": sample.image_id, "caption": text}
-    return {"question_id": sample.question_id, "answer": text}
+        return {"image_id": record["image_id"], "caption": record["prediction"]}
+    return {"question_id": record["question_id"], "answer": record["prediction"]}
 
 
 def _sample_record(task: str, sample, text: str) -> dict:
@@ -83,7 +84,7 @@ def evaluate(
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         generated = model.generate(**batch, max_new_tokens=options.max_new_tokens, num_beams=options.num_beams, do_sample=False)
         texts = processor.decode(generated, batch["input_ids"].shape[1])
-        records += [_sample_record(task, s, t) | {"_pred": _prediction_record(task, s, t)} for s, t in zip(samples, texts)]
+        records += [_sample_record(task, s, t) for s, t in zip(samples, texts)]
         routing = _routing_forward(model, batch, generated)
         summary.add(routing)
         if pictures is None and acc.is_main_process:
@@ -143,7 +144,7 @@ def _write(output_dir: str, task: str, metrics: dict, records: list[dict], summa
     with open(os.path.join(output_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     with open(os.path.join(output_dir, "predictions.json"), "w") as f:
-        json.dump([r.pop("_pred") for r in records], f)
+        json.dump([_prediction_record(task, r) for r in records], f)
     with open(os.path.join(output_dir, "samples.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     summary.save_json(os.path.join(output_dir, "routing.json"))

@@ -157,14 +157,14 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         mask = is_image.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, image_embeds.to(inputs_embeds.dtype))
 
-    def _routing(self, vision_records: list[MoEOutput], decoder_records: list[MoEOutput]) -> list[RoutingRecord]:
-        layers = self.moe_layers()
-        routing = []
-        for tower, records in (("vision", vision_records), ("decoder", decoder_records)):
-            # MoE layers run in the order the tower lists them, one call per layer per forward.
-            for i, record in enumerate(records):
-                routing.append(RoutingRecord(tower, i % max(len(layers[tower]), 1), record))
-        return routing
+    @staticmethod
+    def _routing(vision_records: list[MoEOutput], decoder_records: list[MoEOutput]) -> list[RoutingRecord]:
+        # MoE layers run in the order the tower holds them, one call per layer per forward.
+        return [
+            RoutingRecord(tower, i, record)
+            for tower, records in (("vision", vision_records), ("decoder", decoder_records))
+            for i, record in enumerate(records)
+        ]
 
     def _losses(self, logits: Tensor, labels: Tensor | None, routing: list[RoutingRecord]) -> dict[str, Tensor | None]:
         if labels is None:  # generation: no loss terms (and no router statistics computed)

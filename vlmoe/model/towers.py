@@ -121,8 +121,8 @@ def _make_moe(mlp: nn.Module, config: MoEConfig, causal: bool, upcycle: bool) ->
     if upcycle:
         return MoELayer.from_dense(mlp, config, causal=causal)
     width, hidden = _mlp_width(mlp)
-    device, dtype = next(mlp.parameters()).device, next(mlp.parameters()).dtype
-    return MoELayer(width, hidden, config=config, causal=causal, device=device, dtype=dtype)
+    param = next(mlp.parameters())
+    return MoELayer(width, hidden, config=config, causal=causal, device=param.device, dtype=param.dtype)
 
 
 def place_moe_layers(

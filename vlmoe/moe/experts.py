@@ -22,6 +22,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -197,10 +198,10 @@ class _Blocks:
     def __init__(self, sizes: list[int], device: torch.device, grouped: bool):
         self.sizes = sizes
         self.offsets = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32) if grouped else None
-        starts = [sum(sizes[:e]) for e in range(len(sizes))]
         if grouped:
             self.blocks = [(slice(0, sum(sizes)), slice(0, len(sizes)))]
         else:
+            starts = itertools.accumulate(sizes, initial=0)
             self.blocks = [(slice(s, s + n), slice(e, e + 1)) for e, (s, n) in enumerate(zip(starts, sizes)) if n]
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
