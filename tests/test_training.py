@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train
+from vlmoe import build_model, train_tokenizer
 from vlmoe.training import load_config
 from vlmoe.training.checkpoint import complete_checkpoints, latest_checkpoint, save_checkpoint
 
@@ -113,6 +114,20 @@ def test_two_processes_match_one_process(shapes, tmp_path):
 def test_bad_config_names_the_key(override, match):
     with pytest.raises(ValueError, match=match.replace(".", r"\.").replace("/", "/")):
         load_config(os.path.join(ROOT, "configs/tiny.yaml"), [override])
+
+
+@pytest.mark.parametrize("modality_mode", ["shared", "per_modality"])
+def test_tiny_dense_has_the_active_parameters_of_tiny(modality_mode):
+    """The baseline of the MoE study: per token, each tower runs as many weights as the MoE model's
+    two active experts; the only difference is routers and MLP biases (under 1% of a tower)."""
+    tokenizer = train_tokenizer(["a small red circle left of a large blue square", "how many shapes?"], vocab_size=300)
+    counts = {}
+    for name, overrides in (("tiny", [f"model.moe.modality_mode={modality_mode}"]), ("tiny-dense", [])):
+        config = load_config(os.path.join(ROOT, f"configs/{name}.yaml"), overrides)
+        counts[name] = build_model(config.model.to_vlmoe_config(), tokenizer)[0].parameter_counts()
+    for tower in ("vision_active", "decoder_active"):
+        assert counts["tiny"][tower] == pytest.approx(counts["tiny-dense"][tower], rel=0.01), tower
+    assert counts["tiny"]["total"] > 1.5 * counts["tiny-dense"]["total"]
 
 
 def test_missing_config_file_and_empty_data():
