@@ -32,20 +32,20 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 SHARDS = "data/shapes"
 
-_SEPARATE = ["model.share_moe_layers=false"]
+_SHARED, _SEPARATE = ["model.share_moe_layers=true"], ["model.share_moe_layers=false"]
 _ROUTING = {
-    "one-router": ["model.moe.modality_mode=shared"],
-    "per-modality": ["model.moe.modality_mode=per_modality"],
+    "one-router": ["model.moe.modality_mode=shared", "model.moe.experts_per_modality=[]"],
+    "per-modality": ["model.moe.modality_mode=per_modality", "model.moe.experts_per_modality=[]"],
     "partitioned": ["model.moe.modality_mode=partitioned", "model.moe.experts_per_modality=[2,2]"],
 }
 # name -> (config, overrides). MoE layers are shared across the towers unless the name ends in -per-tower.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dense": ("configs/tiny-dense.yaml", []),
     "dense-vit-mlp4": ("configs/tiny-dense.yaml", ["model.vision.mlp_ratio=4.0"]),  # 2/3 of the ViT's active MLP
-    **{f"moe-{name}": ("configs/tiny.yaml", overrides) for name, overrides in _ROUTING.items()},
+    **{f"moe-{name}": ("configs/tiny.yaml", overrides + _SHARED) for name, overrides in _ROUTING.items()},
     **{f"moe-{name}-per-tower": ("configs/tiny.yaml", overrides + _SEPARATE) for name, overrides in _ROUTING.items()},
 }
-DEMO_VARIANT = "moe-per-modality"
+DEMO_VARIANT = "moe-per-modality"  # configs/tiny.yaml as it is
 
 
 # ------------------------------------------------------------------------------ run
@@ -118,9 +118,14 @@ def run_one(variant: str, seed: int, steps: int, tag: str, threads: int, eval_li
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=1))
     if variant == DEMO_VARIANT and seed == 0:
-        for picture in ("routing_load.png", "routing_patches.png"):
-            shutil.copy(final / "eval_caption" / picture, RESULTS / f"{tag}_{picture}")
+        copy_routing_pictures(final, tag)
     return result_path
+
+
+def copy_routing_pictures(final: Path, tag: str) -> None:
+    """The caption evaluation's routing pictures of ``final`` into docs/results/, named by ``tag``."""
+    for picture in ("routing_load.png", "routing_patches.png"):
+        shutil.copy(final / "eval_caption" / picture, RESULTS / f"{tag}_{picture}")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -188,8 +193,8 @@ def _plots(summary: dict[str, dict[str, dict]], runs: list[dict]) -> None:
 
     labels = [f"{tag}\n{variant}" for tag, variants in summary.items() for variant in variants]
     cells = [s for variants in summary.values() for s in variants.values()]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, key in zip(axes, ("test_vqa_exact_match", "test_caption_exact_match", "test_cider_d")):
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.5))
+    for ax, key in zip(axes, ("test_vqa_exact_match", "test_caption_exact_match", "test_cider_d", "val_caption_loss")):
         ax.bar(range(len(cells)), [c[key]["mean"] for c in cells], yerr=[c[key]["std"] for c in cells], capsize=3,
                color=["tab:gray" if "dense" in label else "tab:blue" for label in labels])
         for i, c in enumerate(cells):
@@ -200,20 +205,21 @@ def _plots(summary: dict[str, dict[str, dict]], runs: list[dict]) -> None:
     fig.savefig(RESULTS / "study_quality.png", dpi=110)
     plt.close(fig)
 
-    fig, (loss_ax, balance_ax) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, (loss_ax, balance_ax) = plt.subplots(1, 2, figsize=(14, 5))
+    colors = {variant: plt.cm.tab10(i) for i, variant in enumerate(VARIANTS)}
     for (tag, variant), group in _groups(runs).items():
         curve = _mean_curve([r["loss_curve"] for r in group])
-        loss_ax.plot(*zip(*curve), label=f"{tag}: {variant}", color="black" if variant == "dense" else None,
-                     linestyle="--" if tag != "equal-steps" else "-")
+        loss_ax.plot(*zip(*curve), label=f"{tag}: {variant}", color=colors[variant],
+                     linestyle="-" if tag == "equal-steps" else "--")
         for modality, style in (("image", "-"), ("text", ":")):
             curves = [r["load_balance_curve"][modality] for r in group if modality in r["load_balance_curve"]]
             if curves and tag == "equal-steps":
-                balance_ax.plot(*zip(*_mean_curve(curves)), style, label=f"{variant} / {modality}")
-    loss_ax.set(title="training LM loss (mean over seeds)", xlabel="step", ylabel="loss", ylim=(0.2, 1.0))
-    balance_ax.set(title="load-balance loss over training (1.0 = uniform; mean over layers and seeds)",
+                balance_ax.plot(*zip(*_mean_curve(curves)), style, color=colors[variant], label=f"{variant} / {modality}")
+    loss_ax.set(title="training LM loss (mean over seeds)", xlabel="step", ylabel="loss", ylim=(0.1, 1.0))
+    balance_ax.set(title="load-balance loss (uniform routing = top_k = 2)\nmean over layers and seeds; solid: image, dotted: text",
                    xlabel="step", ylabel="Switch load-balance loss")
     loss_ax.legend(fontsize=7)
-    balance_ax.legend(fontsize=7)
+    balance_ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(RESULTS / "study_training.png", dpi=110)
     plt.close(fig)
@@ -221,7 +227,9 @@ def _plots(summary: dict[str, dict[str, dict]], runs: list[dict]) -> None:
 
 def _groups(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
     groups: dict[tuple[str, str], list[dict]] = {}
-    for r in sorted(runs, key=lambda r: (r["tag"] != "equal-steps", list(VARIANTS).index(r["variant"]), r["seed"])):
+    tags = ["equal-steps", "equal-time", "demo-budget"]
+    rank = lambda tag: tags.index(tag) if tag in tags else len(tags)  # noqa: E731
+    for r in sorted(runs, key=lambda r: (rank(r["tag"]), r["tag"], list(VARIANTS).index(r["variant"]), r["seed"])):
         groups.setdefault((r["tag"], r["variant"]), []).append(r)
     return groups
 

@@ -122,7 +122,8 @@ def test_tiny_dense_has_the_active_parameters_of_tiny(modality_mode):
     two active experts; the only difference is routers and MLP biases (under 1% of a tower)."""
     tokenizer = train_tokenizer(["a small red circle left of a large blue square", "how many shapes?"], vocab_size=300)
     counts = {}
-    for name, overrides in (("tiny", [f"model.moe.modality_mode={modality_mode}"]), ("tiny-dense", [])):
+    routing = [f"model.moe.modality_mode={modality_mode}", "model.moe.experts_per_modality=[]"]
+    for name, overrides in (("tiny", routing), ("tiny-dense", [])):
         config = load_config(os.path.join(ROOT, f"configs/{name}.yaml"), overrides)
         counts[name] = build_model(config.model.to_vlmoe_config(), tokenizer)[0].parameter_counts()
     for tower in ("vision_active", "decoder_active"):
