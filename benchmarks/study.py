@@ -1,18 +1,18 @@
 """The equal-compute study: does the modality-aware MoE pay on the synthetic shapes set?
 
     python benchmarks/study.py run --steps 600 --seeds 0 1 2 --jobs 2            # every variant, same steps
-    python benchmarks/study.py run --steps 740 --seeds 0 1 2 --jobs 2 \\
+    python benchmarks/study.py run --steps 812 --seeds 0 1 2 --jobs 2 \\
         --variants dense --tag equal-time                                       # dense at the MoE's wall-clock
     python benchmarks/study.py report                                           # tables (JSON + Markdown) and plots
 
 ``run`` trains each (variant, seed) with ``train.py`` (validation loss and exact match at the last
 step), evaluates the final model on the test split with ``eval.py`` (VQA and captions), and writes
 ``docs/results/study/TAG/VARIANT-seedS.json``; a run whose JSON exists is not repeated. Runs go to
-``runs/study/`` (not kept). ``--jobs 2`` runs two trainings at once with one thread each.
+``runs/study/`` (not kept); the routing pictures of the demo's variant (seed 0) are copied to
+``docs/results/TAG_routing_*.png``. ``--jobs 2`` runs two trainings at once with one thread each.
 
 ``report`` reads every run JSON and writes ``docs/results/study.json`` (mean, std and each seed),
-``docs/results/study.md`` (the tables of docs/RESULTS.md) and the plots ``study_*.png``; the routing
-pictures of the demo's variant (seed 0) are copied beside them.
+``docs/results/study.md`` (the tables of docs/RESULTS.md) and the plots ``study_*.png``.
 """
 
 from __future__ import annotations
