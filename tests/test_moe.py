@@ -212,6 +212,41 @@ def test_parameter_grads_without_input_grad(implementation):
         assert_close(grads[name], grads_ref[name], msg=name)
 
 
+@pytest.mark.parametrize("variant", list(EXPERT_VARIANTS))
+@pytest.mark.parametrize("blocks", ["few_rows", "many_rows", "mixed"])
+def test_cpu_block_forms_equal_loop(monkeypatch, variant, blocks):
+    """Blocks of at most FEW_ROWS rows take ``(W @ x.T).T``, the rest ``x @ W.T``: each form,
+    and both in one call, equal the loop."""
+    expert_type, bias, out_features = EXPERT_VARIANTS[variant]
+    grouped = make_layer(num_experts=4, top_k=2, expert_type=expert_type, bias=bias, out=out_features)
+    loop = clone_with(grouped, implementation="loop")
+    x = torch.randn(3, 16, DIM, dtype=F64)
+    grad_out = torch.randn(3, 16, out_features or DIM, dtype=F64)
+    out_l, gx_l, grads_l = run_layer(loop, x, None, grad_out)
+    rows = (out_l.load * out_l.tokens[:, None] * 2).sum(0)  # rows of each expert's block
+    assert rows.max() > rows.min(), rows
+    few_rows = {"few_rows": 10**6, "many_rows": 0, "mixed": int(rows.min())}[blocks]
+    monkeypatch.setattr(experts_module, "FEW_ROWS", few_rows)
+    out_g, gx_g, grads_g = run_layer(grouped, x, None, grad_out)
+    assert_close(out_g.hidden_states, out_l.hidden_states)
+    assert_close(gx_g, gx_l)
+    for name in grads_l:
+        assert_close(grads_g[name], grads_l[name], msg=name)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_parameter_grads_without_input_grad(implementation):
+    """The first layer of a model gets an input that needs no gradient; parameters still learn."""
+    layer = make_layer(num_experts=4, top_k=2, expert_type="gelu", implementation=implementation)
+    x = torch.randn(2, 8, DIM, dtype=F64)
+    grad_out = torch.randn(2, 8, DIM, dtype=F64)
+    _, gx, grads = run_layer(layer, x, None, grad_out, input_grad=False)
+    _, _, grads_ref = run_layer(layer, x, None, grad_out, input_grad=True)
+    assert gx is None
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], msg=name)
+
+
 @pytest.mark.parametrize("expert_type", ["swiglu", "gelu"])
 def test_grouped_backward_gradcheck(expert_type):
     """The hand-written backward against finite differences, with an expert that gets no rows."""
