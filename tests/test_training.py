@@ -98,6 +98,17 @@ def test_two_processes_match_one_process(shapes, tmp_path):
     assert abs(mean_two - mean_one) / mean_one < 0.10
 
 
+def test_fsdp2_sharding_matches_unsharded_model(tmp_path):
+    """The units configs/accelerate/fsdp.yaml names, with MoE layers shared across towers, under
+    FSDP2 on 2 CPU processes: see tests/fsdp_worker.py for what is compared."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
+               os.path.join(ROOT, "tests", "fsdp_worker.py"), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize(
     "override, match",
     [

@@ -292,8 +292,9 @@ class Trainer:
     def export(self) -> str:
         final = os.path.join(self.run_dir, "final")
         self.accelerator.wait_for_everyone()
+        state_dict = self.accelerator.get_state_dict(self.model)  # every rank: gathers FSDP / ZeRO shards
         if self.accelerator.is_main_process:
-            self.unwrapped.save_pretrained(final)
+            self.unwrapped.save_pretrained(final, state_dict=state_dict)
             self.processor.save_pretrained(final)
         self.accelerator.wait_for_everyone()
         return final
