@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +97,32 @@ def test_two_processes_match_one_process(shapes, tmp_path):
     assert abs(two[1] - one[1]) / one[1] < 0.05
     mean_one, mean_two = sum(one.values()) / 6, sum(two.values()) / 6
     assert abs(mean_two - mean_one) / mean_one < 0.10
+
+
+def test_deepspeed_zero2_matches_plain_run_and_resumes(shapes, tmp_path):
+    """configs/accelerate/deepspeed_zero2.yaml on 1 CPU process (Accelerate forms no multi-process
+    DeepSpeed group on CPU), with gradient accumulation: the losses equal a plain run's, and
+    after resuming from DeepSpeed's checkpoint at step 3 they do again."""
+    pytest.importorskip("deepspeed")
+    from omegaconf import OmegaConf
+
+    launch_config = OmegaConf.load(os.path.join(ROOT, "configs/accelerate/deepspeed_zero2.yaml"))
+    launch_config.num_processes, launch_config.mixed_precision = 1, "no"
+    launch_config.deepspeed_config.gradient_accumulation_steps = 2
+    OmegaConf.save(launch_config, tmp_path / "deepspeed.yaml")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "deepspeed.yaml")]
+    steps = ["train.steps=6", "train.checkpoint_every=3", "train.grad_accum=2", "optim.lr=1e-3"]
+    plain = run_script(overrides(shapes, str(tmp_path), "plain", *steps))
+    assert plain.wait(timeout=300) == 0, plain.stderr.read()[-3000:]
+    deepspeed = run_script(overrides(shapes, str(tmp_path), "deepspeed", *steps), launcher)
+    assert deepspeed.wait(timeout=300) == 0, deepspeed.stderr.read()[-3000:]
+    expected = losses(str(tmp_path / "plain"))
+    assert losses(str(tmp_path / "deepspeed")) == expected
+
+    shutil.rmtree(tmp_path / "deepspeed" / "checkpoints" / "step_00000006")
+    resumed = run_script(overrides(shapes, str(tmp_path), "deepspeed", *steps) + ["--resume", "auto"], launcher)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    assert losses(str(tmp_path / "deepspeed")) == expected
 
 
 def test_fsdp2_sharding_matches_unsharded_model(tmp_path):

@@ -4,8 +4,9 @@ Notable choices:
 - Accelerate owns devices, processes and precision; one code path for 1 CPU process, several
   processes (torchrun / accelerate launch) and GPUs. The data pipeline splits shards by rank
   itself, so the loader is not passed to ``accelerator.prepare``.
-- Gradient accumulation is explicit: ``no_sync`` on all but the last micro-batch, the loss
-  divided by ``grad_accum``, then clipping and one optimizer step.
+- Gradient accumulation: ``grad_accum`` micro-batches under ``accelerator.accumulate`` (no
+  gradient sync but on the last; under DeepSpeed its engine accumulates), then clipping and one
+  optimizer step.
 - The data stream is a deterministic function of the seed, so resuming replays it to the
   checkpoint's position (``step * grad_accum`` batches) and continues with the same batches,
   the same RNG states, the same optimizer: losses after a resume equal an uninterrupted run's.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import nullcontext
 import math
 import os
 import time
@@ -112,11 +112,21 @@ class Trainer:
         train = config.train
         self.run_dir = train.run_dir
         moe_loop = config.model.moe.implementation == "loop"  # the loop leaves unrouted experts without grads
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),  # so torchrun on CPU forms one gloo group
-            mixed_precision=train.mixed_precision, log_with="tensorboard", project_dir=self.run_dir,
+            # cpu=True lets torchrun on CPU form one gloo group; DeepSpeed brings its own CPU backend.
+            cpu=not torch.cuda.is_available() and not deepspeed,
+            mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.grad_accum,
+            log_with="tensorboard", project_dir=self.run_dir,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=moe_loop)],
         )
+        if self.accelerator.gradient_accumulation_steps != train.grad_accum:
+            raise ValueError(
+                f"train.grad_accum={train.grad_accum} but the launcher set gradient_accumulation_steps="
+                f"{self.accelerator.gradient_accumulation_steps} (accelerate config): make them equal"
+            )
+        if deepspeed:  # the loader is not prepared, so DeepSpeed cannot read the batch size off it
+            self.accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.data.batch_size
         set_seed(train.seed)
         if self.accelerator.is_main_process:
             os.makedirs(self.run_dir, exist_ok=True)
@@ -198,18 +208,17 @@ class Trainer:
         self.model.train()
         totals = torch.zeros(4, device=acc.device)  # loss, lm, aux, z
         finite, routing, samples = True, [], 0
-        for micro in range(cfg.grad_accum):
+        for _ in range(cfg.grad_accum):
             batch = {k: v.to(acc.device) for k, v in next(batches).items()}
             samples += batch["input_ids"].shape[0]
-            last = micro == cfg.grad_accum - 1
-            with acc.autocast(), (acc.no_sync(self.model) if not last else nullcontext()):
+            with acc.accumulate(self.model), acc.autocast():
                 out = self.model(**batch)
                 loss = out.loss
                 terms = [loss, out.lm_loss, out.aux_loss, out.z_loss]
                 totals += torch.stack([t.detach().float() if t is not None else loss.new_zeros(()) for t in terms])
                 finite = finite and bool(acc.gather(torch.isfinite(loss.detach()).float().view(1)).min() > 0)
                 if finite:
-                    acc.backward(loss / cfg.grad_accum)
+                    acc.backward(loss)  # divided by grad_accum (DeepSpeed: by its engine)
             routing = out.routing
         if finite:
             if cfg.clip_grad_norm > 0:
