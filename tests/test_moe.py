@@ -234,19 +234,6 @@ def test_cpu_block_forms_equal_loop(monkeypatch, variant, blocks):
         assert_close(grads_g[name], grads_l[name], msg=name)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_parameter_grads_without_input_grad(implementation):
-    """The first layer of a model gets an input that needs no gradient; parameters still learn."""
-    layer = make_layer(num_experts=4, top_k=2, expert_type="gelu", implementation=implementation)
-    x = torch.randn(2, 8, DIM, dtype=F64)
-    grad_out = torch.randn(2, 8, DIM, dtype=F64)
-    _, gx, grads = run_layer(layer, x, None, grad_out, input_grad=False)
-    _, _, grads_ref = run_layer(layer, x, None, grad_out, input_grad=True)
-    assert gx is None
-    for name in grads_ref:
-        assert_close(grads[name], grads_ref[name], msg=name)
-
-
 @pytest.mark.parametrize("expert_type", ["swiglu", "gelu"])
 def test_grouped_backward_gradcheck(expert_type):
     """The hand-written backward against finite differences, with an expert that gets no rows."""
