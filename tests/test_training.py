@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import train
 from vlmoe import build_model, train_tokenizer
@@ -104,8 +105,6 @@ def test_deepspeed_zero2_matches_plain_run_and_resumes(shapes, tmp_path):
     DeepSpeed group on CPU), with gradient accumulation: the losses equal a plain run's, and
     after resuming from DeepSpeed's checkpoint at step 3 they do again."""
     pytest.importorskip("deepspeed")
-    from omegaconf import OmegaConf
-
     launch_config = OmegaConf.load(os.path.join(ROOT, "configs/accelerate/deepspeed_zero2.yaml"))
     launch_config.num_processes, launch_config.mixed_precision = 1, "no"
     launch_config.deepspeed_config.gradient_accumulation_steps = 2
