@@ -1,26 +1,49 @@
-# Everything runs inside .venv, created on first use (torch/torchvision first: pip resolves the
-# pinned builds from the local wheel cache on the dev machines; elsewhere from PyPI).
+# Everything runs inside .venv, created on first use with the exact versions of requirements/lock.txt
+# (pip constraints), so `make demo` and `make test` install what was tested, on any day.
+# `make test-latest` / `make test-floor` run the suite against the newest / the lowest versions that
+# pyproject.toml's ranges allow, each in a virtual environment of its own; `make lock` re-locks.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+LOCK := requirements/lock.txt
+LATEST := .venv-latest
+FLOOR := .venv-floor
 DATA := data/shapes
 RUN := runs/tiny
 
-.PHONY: demo test bench venv data clean
+.PHONY: demo test test-latest test-floor lock bench venv data clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c $(LOCK) --upgrade pip
+	$(PY) -m pip install --quiet -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Newest releases in range, upgraded on every call: how an upstream rename is caught before a user meets it.
+test-latest:
+	test -d $(LATEST) || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider
+
+# Lower bounds of the pure-Python dependencies; torch and torchvision stay at the lock's build.
+test-floor: $(STAMP)
+	test -d $(FLOOR) || $(PYTHON) -m venv $(FLOOR)
+	$(PY) requirements/floor.py pyproject.toml $(LOCK) > $(FLOOR)/constraints.txt
+	$(FLOOR)/bin/python -m pip install --quiet -c $(LOCK) --upgrade pip
+	$(FLOOR)/bin/python -m pip install --quiet -c $(FLOOR)/constraints.txt -e '.[dev]'
+	$(FLOOR)/bin/python -m pytest -q -p no:cacheprovider
+
+# Re-lock: the suite on the newest versions in range, then their exact versions become the lock.
+lock: test-latest
+	{ echo "# pip constraints: the versions the suite passed on (make lock, $$(date -u +%F), Python $$($(LATEST)/bin/python -c 'import platform; print(platform.python_version())'))"; \
+	  $(LATEST)/bin/python -m pip freeze --all --exclude-editable; } > $(LOCK)
 
 bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py
@@ -40,4 +63,4 @@ demo: $(STAMP) $(DATA)/index.json
 	@echo "routing pictures: $(RUN)/final/eval_*/routing_load.png, routing_patches.png"
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LATEST) $(FLOOR)

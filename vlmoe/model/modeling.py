@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..moe import MoELayer, MoEOutput, moe_layers_of, moe_scope
 from .config import VLMoEConfig
@@ -39,10 +39,9 @@ class RoutingRecord:
 
 
 @dataclass
-class VLMoEOutput(ModelOutput):
-    loss: Tensor | None = None
-    logits: Tensor | None = None
-    past_key_values: object | None = None
+class VLMoEOutput(CausalLMOutputWithPast):
+    # The KV cache field keeps the decoder's own name (``cache`` since transformers 5.24,
+    # ``past_key_values`` before): the decoder's output is passed through as it is.
     lm_loss: Tensor | None = None
     aux_loss: Tensor | None = None
     z_loss: Tensor | None = None
@@ -121,10 +120,8 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         pixel_values: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        past_key_values=None,
         inputs_embeds: Tensor | None = None,
         labels: Tensor | None = None,
-        use_cache: bool | None = None,
         logits_to_keep: int | Tensor = 0,
         **kwargs,
     ) -> VLMoEOutput:
@@ -141,11 +138,11 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         with moe_scope(self.language_model, modality) as decoder_records:
             out = self.language_model(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
+                logits_to_keep=logits_to_keep, **kwargs,  # the KV cache and use_cache, by whichever name
             )
         routing = self._routing(vision_records, decoder_records)
         losses = self._losses(out.logits, labels, routing)
-        return VLMoEOutput(logits=out.logits, past_key_values=out.past_key_values, routing=routing, **losses)
+        return VLMoEOutput(**out, routing=routing, **losses)
 
     def _merge_image_embeds(self, inputs_embeds: Tensor, image_embeds: Tensor, is_image: Tensor) -> Tensor:
         expected = int(is_image.sum())
