@@ -23,7 +23,7 @@ def floor_constraints(pyproject: str, lock: str) -> list[str]:
     requirements = [Requirement(r) for r in project["dependencies"]]
     requirements += [Requirement(r) for extra in project.get("optional-dependencies", {}).values() for r in extra]
     with open(lock) as f:
-        locked = {canonicalize_name(Requirement(line).name): line.strip() for line in f if "==" in line}
+        locked = {canonicalize_name(Requirement(line.strip()).name): line.strip() for line in f if "==" in line}
     lines = []
     for req in requirements:
         name = canonicalize_name(req.name)

@@ -199,3 +199,24 @@ def test_clear_errors(tokenizer, overrides, match):
 def test_from_scratch_decoder_needs_a_tokenizer():
     with pytest.raises(ValueError, match="tokenizer"):
         build_model(tiny_config())
+
+
+def test_words_loss_is_log_vocab_for_uniform_scores_and_reaches_the_vision_tower_only_through_images(tokenizer):
+    model, processor = build(tokenizer, words_loss_weight=0.5)
+    model.train()
+    batch = processor.training_batch(images(), [processor.prompt(), processor.prompt("what color?")], ["a red circle", "blue"])
+    out = model(**batch)
+    assert out.loss.item() == pytest.approx((out.lm_loss + out.aux_loss + out.z_loss + out.words_loss).item(), rel=1e-6)
+    out.words_loss.backward()
+    assert model.vision.vit.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert model.language_model.lm_head.weight.grad is None  # the short path skips the decoder
+    with torch.no_grad():  # every word scores the same: the bag's cross-entropy is log(V), whatever the bag
+        model.get_input_embeddings().weight.zero_()
+    uniform = model(**batch).words_loss
+    assert uniform.item() == pytest.approx(0.5 * torch.log(torch.tensor(float(len(tokenizer)))).item(), rel=1e-6)
+
+
+def test_words_loss_off_by_default(tokenizer):
+    model, processor = build(tokenizer)
+    batch = processor.training_batch(images(), [processor.prompt(), processor.prompt()], ["a red circle", "a blue square"])
+    assert model(**batch).words_loss is None

@@ -156,6 +156,8 @@ class VLMoEConfig(PreTrainedConfig):
         image_token: the placeholder token that marks image positions in ``input_ids``.
         caption_prompt, vqa_prompt: prompt templates (``{question}`` is filled in for VQA).
         max_text_length: the longest prompt + target the processor makes.
+        words_loss_weight: weight of the auxiliary loss that predicts each sample's target words
+            from its image tokens alone (``VLMoEForConditionalGeneration._words_loss``); 0 = off.
     """
 
     model_type = "vlmoe"
@@ -170,6 +172,7 @@ class VLMoEConfig(PreTrainedConfig):
     caption_prompt: str = CAPTION_PROMPT
     vqa_prompt: str = VQA_PROMPT
     max_text_length: int = 64
+    words_loss_weight: float = 0.0
 
     def __post_init__(self, **kwargs):
         for name in _PARTS:

@@ -45,6 +45,7 @@ class VLMoEOutput(CausalLMOutputWithPast):
     lm_loss: Tensor | None = None
     aux_loss: Tensor | None = None
     z_loss: Tensor | None = None
+    words_loss: Tensor | None = None
     routing: list[RoutingRecord] | None = None
 
 
@@ -129,6 +130,7 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
             raise ValueError("input_ids are required: image positions are marked by image placeholder tokens")
         is_image = input_ids == self.config.image_token_id
         vision_records: list[MoEOutput] = []
+        image_embeds = None
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, T, D)
             if pixel_values is not None:
@@ -141,7 +143,7 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
                 logits_to_keep=logits_to_keep, **kwargs,  # the KV cache and use_cache, by whichever name
             )
         routing = self._routing(vision_records, decoder_records)
-        losses = self._losses(out.logits, labels, routing)
+        losses = self._losses(out.logits, labels, routing, image_embeds)
         return VLMoEOutput(**out, routing=routing, **losses)
 
     def _merge_image_embeds(self, inputs_embeds: Tensor, image_embeds: Tensor, is_image: Tensor) -> Tensor:
@@ -163,9 +165,11 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
             for i, record in enumerate(records)
         ]
 
-    def _losses(self, logits: Tensor, labels: Tensor | None, routing: list[RoutingRecord]) -> dict[str, Tensor | None]:
+    def _losses(
+        self, logits: Tensor, labels: Tensor | None, routing: list[RoutingRecord], image_embeds: Tensor | None
+    ) -> dict[str, Tensor | None]:
         if labels is None:  # generation: no loss terms (and no router statistics computed)
-            return {"loss": None, "lm_loss": None, "aux_loss": None, "z_loss": None}
+            return {"loss": None, "lm_loss": None, "aux_loss": None, "z_loss": None, "words_loss": None}
         moe = self.config.moe
         aux = z = None
         if routing:
@@ -175,7 +179,27 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
             logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
         )
         loss = lm if aux is None else lm + aux + z
-        return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z}
+        words = None
+        if self.config.words_loss_weight and image_embeds is not None:
+            words = self.config.words_loss_weight * self._words_loss(image_embeds, labels)
+            loss = loss + words
+        return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "words_loss": words}
+
+    def _words_loss(self, image_embeds: Tensor, labels: Tensor) -> Tensor:
+        """Each image's target words predicted from its mean image token, scored against the input embeddings.
+
+        A short path from the words to the vision tower (no decoder in between): the cross-entropy
+        between the bag of target tokens (a distribution over the vocabulary) and
+        ``softmax(mean image token @ embeddings.T)``. Needs no labels beyond the targets.
+        """
+        embeddings = self.get_input_embeddings().weight  # (V, D)
+        log_probs = F.log_softmax(image_embeds.mean(1).float() @ embeddings.float().T, dim=-1)  # (B, V)
+        counts = torch.zeros_like(log_probs).scatter_add_(1, labels.clamp(min=0), (labels >= 0).float())  # (B, V)
+        if self.language_model.config.eos_token_id is not None:  # the same last word everywhere
+            counts[:, self.language_model.config.eos_token_id] = 0
+        has_words = counts.sum(1) > 0
+        bags = counts / counts.sum(1, keepdim=True).clamp(min=1)
+        return -(bags * log_probs).sum(1)[has_words].mean()
 
     # --- bookkeeping ---------------------------------------------------------------------
 

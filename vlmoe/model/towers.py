@@ -35,7 +35,9 @@ class VisionTower(nn.Module):
             )
         kwargs = config.timm_kwargs()
         pretrained = config.pretrained_file is not None
-        overlay = {"file": config.pretrained_file, "num_classes": 0} if pretrained else None
+        # custom_load off: a local file is a PyTorch state dict, not the JAX .npz that some
+        # pretrained configs (vit_tiny's) name; timm < 1.0.31 kept the flag for file sources.
+        overlay = {"file": config.pretrained_file, "num_classes": 0, "custom_load": False} if pretrained else None
         try:
             self.vit = timm.create_model(
                 config.model_name, pretrained=pretrained, pretrained_cfg_overlay=overlay, num_classes=0, **kwargs

@@ -42,6 +42,7 @@ from .optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 MODALITY_NAMES = ("image", "text")
+LOSS_TERMS = ("loss", "lm_loss", "aux_loss", "z_loss", "words_loss")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -206,7 +207,7 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches; returns mean losses (over processes)."""
         acc, cfg = self.accelerator, self.config.train
         self.model.train()
-        totals = torch.zeros(4, device=acc.device)  # loss, lm, aux, z
+        totals = torch.zeros(len(LOSS_TERMS), device=acc.device)
         finite, routing, samples = True, [], 0
         for _ in range(cfg.grad_accum):
             batch = {k: v.to(acc.device) for k, v in next(batches).items()}
@@ -214,7 +215,7 @@ class Trainer:
             with acc.accumulate(self.model), acc.autocast():
                 out = self.model(**batch)
                 loss = out.loss
-                terms = [loss, out.lm_loss, out.aux_loss, out.z_loss]
+                terms = [getattr(out, name) for name in LOSS_TERMS]
                 totals += torch.stack([t.detach().float() if t is not None else loss.new_zeros(()) for t in terms])
                 finite = finite and bool(acc.gather(torch.isfinite(loss.detach()).float().view(1)).min() > 0)
                 if finite:
@@ -231,7 +232,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.samples_seen += samples * acc.num_processes
         means = acc.reduce(totals / cfg.grad_accum, reduction="mean").tolist()
-        return dict(zip(("loss", "lm_loss", "aux_loss", "z_loss"), means)), routing, samples
+        return dict(zip(LOSS_TERMS, means)), routing, samples
 
     def _on_nonfinite(self) -> None:
         self.state.nonfinite_in_a_row += 1
