@@ -12,7 +12,7 @@ FLOOR := .venv-floor
 DATA := data/shapes
 RUN := runs/tiny
 
-.PHONY: demo test test-latest test-floor lock bench venv data clean
+.PHONY: demo demo-dense evaluate test test-latest test-floor lock bench venv data clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -53,14 +53,30 @@ $(DATA)/index.json: | $(STAMP)
 
 data: $(DATA)/index.json
 
-# The main job: data, training, evaluation on the test split, routing pictures, a few captions.
+# The main job: data, training, evaluation on the test split, the vision probe, a few captions,
+# and the summary beside the dense baseline's figures (docs/results/demo-dense: `make demo-dense`).
 demo: $(STAMP) $(DATA)/index.json
 	$(PY) train.py --config configs/tiny.yaml
+	$(MAKE) evaluate RUN=$(RUN)
+	$(PY) -m vlmoe.caption --checkpoint $(RUN)/final $(DATA)/images
+	$(PY) -m vlmoe.evaluation.summary $(RUN)/final docs/results/demo-dense
+	@echo "routing pictures: $(RUN)/final/eval_*/routing_load.png, routing_patches.png"
+
+# The dense baseline trained the same way; its figures are kept in docs/results/demo-dense.
+demo-dense: $(STAMP) $(DATA)/index.json
+	$(PY) train.py --config configs/tiny-dense.yaml
+	$(MAKE) evaluate RUN=runs/tiny-dense
+	mkdir -p docs/results/demo-dense/eval_vqa docs/results/demo-dense/eval_caption
+	cp runs/tiny-dense/final/eval_vqa/metrics.json docs/results/demo-dense/eval_vqa/
+	cp runs/tiny-dense/final/eval_caption/metrics.json docs/results/demo-dense/eval_caption/
+	cp runs/tiny-dense/final/probe.json docs/results/demo-dense/
+
+# Test-split evaluation and the vision probe of $(RUN)/final.
+evaluate: $(STAMP)
 	$(PY) eval.py --checkpoint $(RUN)/final --data "$(DATA)/vqa/test-*.tar" --task vqa --max-new-tokens 4
 	$(PY) eval.py --checkpoint $(RUN)/final --data "$(DATA)/caption/test-*.tar" --task caption --max-new-tokens 20
-	$(PY) -m vlmoe.caption --checkpoint $(RUN)/final $(DATA)/images
-	$(PY) -m vlmoe.evaluation.summary $(RUN)/final/eval_vqa $(RUN)/final/eval_caption
-	@echo "routing pictures: $(RUN)/final/eval_*/routing_load.png, routing_patches.png"
+	$(PY) -m vlmoe.evaluation.probe --checkpoint $(RUN)/final --train "$(DATA)/caption/train-*.tar" \
+		--test "$(DATA)/caption/test-*.tar" --output $(RUN)/final/probe.json
 
 clean:
 	rm -rf $(VENV) $(LATEST) $(FLOOR)

@@ -72,6 +72,14 @@ def main(out_dir: str) -> None:
     model, processor = build_model(config.model.to_vlmoe_config(), train_tokenizer(TEXTS * 10, vocab_size=300))
     assert model.config.share_moe_layers
     reference = copy.deepcopy(model).train()
+    # BatchNorm running statistics (the ViT's conv stem) are each rank's own under FSDP, as under
+    # any data-parallel wrapper: rank 0 saves the ones its batch gave.
+    rank0 = copy.deepcopy(model).train()
+    with torch.no_grad():
+        rank0(**batch_of(processor, 0))
+    running = {f"{name}.{b}": buf for name, m in rank0.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+               for b, buf in m.named_buffers(recurse=False)}
+    assert running
     assert shard(model.train(), wrap_classes()) > 0
 
     # The sharded model on this rank's batch; the reference on every rank's batch, averaged.
@@ -88,6 +96,7 @@ def main(out_dir: str) -> None:
     for m in (model, reference):
         torch.optim.AdamW(m.parameters(), lr=1e-2).step()
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    reference.load_state_dict({**reference.state_dict(), **running})
     expected = reference.state_dict()
     if rank == 0:
         assert full.keys() == expected.keys(), set(full) ^ set(expected)

@@ -435,28 +435,39 @@ def test_captioner_takes_images_and_paths_and_matches_the_cli(checkpoint, image_
 def test_summary_prints_the_metric_values(full_runs, tmp_path, capsys):
     assert summary_main([full_runs["vqa"], full_runs["caption"]]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["metric", "value", "target"]
+    assert lines[0].split()[0] == "metric" and lines[0].split()[-1] == "target"
     vqa, caption = (read_json(os.path.join(full_runs[t], "metrics.json")) for t in TASKS)
-    expected = [("VQA exact match", vqa["exact_match"]), ("VQA accuracy", vqa["vqa_accuracy"]),
+    expected = [("VQA exact match", vqa["exact_match"]),
+                *((f"  {t}", vqa["vqa_accuracy_by_type"][t]) for t in sorted(vqa["vqa_accuracy_by_type"])),
+                ("VQA accuracy", vqa["vqa_accuracy"]),
                 ("caption exact match", caption["exact_match"]), ("caption CIDEr-D", caption["cider_d"]),
                 ("caption BLEU-4", caption["bleu_4"]), ("VQA questions/s", vqa["images_per_s"]),
                 ("caption images/s", caption["images_per_s"])]
     assert len(lines) == 1 + len(expected)
     for line, (label, value) in zip(lines[1:], expected):
-        assert line.startswith(f"{label:24} {value:10.4f}"), line
+        assert line[:24].rstrip() == label.rstrip()
+        assert line[24:].split()[0] == (f"{value:.4f}" if value < 10 else f"{value:.1f}"), line
 
-    # Targets: marked ok / below; a folder of either task alone prints its rows only.
-    folder = tmp_path / "vqa"
-    folder.mkdir()
-    (folder / "metrics.json").write_text(json.dumps({"vqa_accuracy": 0.91234, "exact_match": 0.95,
-                                                     "num_questions": 3}))
-    other = tmp_path / "caption"
-    other.mkdir()
-    (other / "metrics.json").write_text(json.dumps({"exact_match": 0.5, "cider_d": 1.25, "bleu_4": 0.125}))
-    assert summary_main([str(folder), str(other)]) == 0
-    rows = {line[:24].strip(): line[24:].split() for line in capsys.readouterr().out.splitlines()[1:]}
+    # Two models side by side, targets marked ok / below, the probe's rows, and the markdown form.
+    for name, vqa_em, caption_em in (("moe", 0.95, 0.5), ("dense", 0.5, 0.85)):
+        run = tmp_path / name / "final"
+        for task, metrics in (("vqa", {"vqa_accuracy": vqa_em, "exact_match": vqa_em, "num_questions": 3}),
+                              ("caption", {"exact_match": caption_em, "cider_d": 1.25, "bleu_4": 0.125})):
+            (run / f"eval_{task}").mkdir(parents=True)
+            (run / f"eval_{task}" / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "moe" / "final" / "probe.json").write_text(json.dumps({"vit": {"shape": 0.75}, "chance": {"shape": 0.33}}))
+    runs = [str(tmp_path / "moe" / "final"), str(tmp_path / "dense" / "final")]
+    assert summary_main(runs) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["metric", "moe", "dense", "target"]
+    rows = {line[:24].strip(): line[24:].split() for line in lines[1:]}
     assert rows == {
-        "VQA exact match": ["0.9500", ">=", "0.90", "ok"], "VQA accuracy": ["0.9123"],
-        "caption exact match": ["0.5000", ">=", "0.80", "below"], "caption CIDEr-D": ["1.2500"],
-        "caption BLEU-4": ["0.1250"],
+        "VQA exact match": ["0.9500", "ok", "0.5000", "below", ">=", "0.90"], "VQA accuracy": ["0.9500", "0.5000"],
+        "caption exact match": ["0.5000", "below", "0.8500", "ok", ">=", "0.80"],
+        "caption CIDEr-D": ["1.2500", "1.2500"], "caption BLEU-4": ["0.1250", "0.1250"],
+        "probe ViT shape": ["0.7500", "-"], "chance shape": ["0.3300", "-"],
     }
+    assert summary_main(["--markdown", *runs]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| metric | moe | dense | target |"
+    assert "| VQA exact match | 0.9500 ok | 0.5000 below | >= 0.90 |" in lines

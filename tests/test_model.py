@@ -220,3 +220,40 @@ def test_words_loss_off_by_default(tokenizer):
     model, processor = build(tokenizer)
     batch = processor.training_batch(images(), [processor.prompt(), processor.prompt()], ["a red circle", "a blue square"])
     assert model(**batch).words_loss is None
+
+
+def test_shuffle_projector_keeps_what_average_pooling_loses():
+    from vlmoe.model.config import ProjectorConfig
+    from vlmoe.model.towers import Projector
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 8)  # a 4 x 4 grid of patches
+    swapped = x.clone()
+    swapped[:, [0, 1]] = x[:, [1, 0]]  # two patches of the top-left 2 x 2 block trade places
+    outside = x.clone()
+    outside[:, 2] += 1.0  # a patch of the top-right block
+    for merge, changes_within_block in (("avg", False), ("shuffle", True)):
+        projector = Projector(8, 16, (4, 4), ProjectorConfig(pool=2, merge=merge))
+        out = projector(x)
+        assert out.shape == (1, 4, 16)
+        assert (not torch.allclose(projector(swapped)[:, 0], out[:, 0])) == changes_within_block
+        torch.testing.assert_close(projector(swapped)[:, 1:], out[:, 1:])  # other blocks unchanged
+        moved = projector(outside)
+        torch.testing.assert_close(moved[:, [0, 2, 3]], out[:, [0, 2, 3]])
+        assert not torch.allclose(moved[:, 1], out[:, 1])
+
+
+def test_conv_stem_sets_the_grid_and_keeps_each_image_independent_of_its_batch():
+    from vlmoe.model.config import VisionConfig
+    from vlmoe.model.towers import VisionTower
+
+    torch.manual_seed(0)
+    config = VisionConfig(img_size=32, patch_size=1, embed_dim=32, depth=1, num_heads=2, conv_stem=[8, 16, 32])
+    tower = VisionTower(config).eval()  # BatchNorm's running statistics: no batch dependence
+    assert tower.grid_size == (4, 4)  # 32 px / 2**3
+    x = torch.randn(3, 3, 32, 32)
+    features = tower(x)
+    assert features.shape == (3, 16, 32)
+    torch.testing.assert_close(tower(x[1:2]), features[1:2])
+    patched = VisionTower(VisionConfig(img_size=32, patch_size=2, embed_dim=32, depth=1, num_heads=2, conv_stem=[8, 16, 32]))
+    assert patched.grid_size == (2, 2)  # patch_size counts stem output pixels

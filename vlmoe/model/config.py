@@ -48,6 +48,10 @@ class VisionConfig:
             architecture (``None`` keeps the model's own value).
         pretrained_file: a local timm weights file (.safetensors/.pth/.bin) to load; hub names
             are refused.
+        conv_stem: channels of a convolutional stem (3x3 convolutions of stride 2, timm's
+            ``ConvStem``; Xiao et al. 2021, "Early convolutions help transformers see better") in
+            place of the linear patch embedding; ``patch_size`` then counts stem output pixels, so
+            a patch covers ``patch_size * 2 ** len(conv_stem)`` image pixels. ``None``: no stem.
         moe_layers / moe_every: which blocks become MoE.
         image_mean, image_std, interpolation, crop_pct: preprocessing; ``None`` takes timm's
             data config of the model.
@@ -63,6 +67,7 @@ class VisionConfig:
     num_heads: int | None = None
     mlp_ratio: float | None = None
     pretrained_file: str | None = None
+    conv_stem: list[int] | None = None
     moe_layers: list[int] | None = None
     moe_every: int = 0
     image_mean: list[float] | None = None
@@ -118,15 +123,20 @@ class ProjectorConfig:
 
     Attributes:
         hidden_features: the projector MLP's hidden width (``None``: the decoder width).
-        pool: reduce the image tokens by average pooling ``pool x pool`` patches (1 = keep all).
+        pool: merge each ``pool x pool`` block of patches into one image token (1 = keep all).
+        merge: how a block becomes one token: ``avg`` (average pooling) or ``shuffle``
+            (space-to-depth: the block's features side by side, nothing thrown away; nanoVLM, Idefics3).
     """
 
     hidden_features: int | None = None
     pool: int = 1
+    merge: str = "avg"
 
     def __post_init__(self) -> None:
         if self.pool < 1:
             raise ValueError(f"projector.pool must be >= 1, got {self.pool}")
+        if self.merge not in ("avg", "shuffle"):
+            raise ValueError(f"projector.merge={self.merge!r} is not one of ['avg', 'shuffle']")
 
 
 _PARTS = {"vision": VisionConfig, "decoder": DecoderConfig, "projector": ProjectorConfig, "moe": MoEConfig}

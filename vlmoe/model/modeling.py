@@ -186,14 +186,18 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "words_loss": words}
 
     def _words_loss(self, image_embeds: Tensor, labels: Tensor) -> Tensor:
-        """Each image's target words predicted from its mean image token, scored against the input embeddings.
+        """Each image's target words, each found in one of its image tokens (multiple-instance learning).
 
-        A short path from the words to the vision tower (no decoder in between): the cross-entropy
-        between the bag of target tokens (a distribution over the vocabulary) and
-        ``softmax(mean image token @ embeddings.T)``. Needs no labels beyond the targets.
+        A short, local path from the words to the vision tower: token ``p`` scores word ``w`` as
+        ``image_embeds[p] @ embeddings[w]`` (the decoder's own input embeddings); an image scores
+        a word by its best token (log-sum-exp over tokens), and the loss is the cross-entropy
+        between the bag of target tokens (a distribution over the vocabulary) and the softmax of
+        the image's scores. The max sends each word's gradient to the token that holds it, where a
+        mean over tokens would spread it over every token. Needs no labels beyond the targets.
         """
         embeddings = self.get_input_embeddings().weight  # (V, D)
-        log_probs = F.log_softmax(image_embeds.mean(1).float() @ embeddings.float().T, dim=-1)  # (B, V)
+        scores = image_embeds.float() @ embeddings.float().T  # (B, P, V)
+        log_probs = F.log_softmax(scores.logsumexp(dim=1), dim=-1)  # (B, V)
         counts = torch.zeros_like(log_probs).scatter_add_(1, labels.clamp(min=0), (labels >= 0).float())  # (B, V)
         if self.language_model.config.eos_token_id is not None:  # the same last word everywhere
             counts[:, self.language_model.config.eos_token_id] = 0

@@ -13,9 +13,13 @@ Notable choices:
 
 from __future__ import annotations
 
+from functools import partial
+
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import HybridEmbed
+from timm.models.vision_transformer_hybrid import ConvStem
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -34,6 +38,12 @@ class VisionTower(nn.Module):
                 "and a local vision.pretrained_file instead (nothing is downloaded)"
             )
         kwargs = config.timm_kwargs()
+        if config.conv_stem:
+            # timm's ConvStem as it is (BatchNorm + ReLU): with LayerNorm + GELU instead, the tiny
+            # demo model learned far slower (docs/RESULTS.md, section 5).
+            n = len(config.conv_stem)
+            stem = ConvStem(depth=n, channels=tuple(config.conv_stem), stride=(2,) * n)
+            kwargs["embed_layer"] = partial(HybridEmbed, backbone=stem)
         pretrained = config.pretrained_file is not None
         # custom_load off: a local file is a PyTorch state dict, not the JAX .npz that some
         # pretrained configs (vit_tiny's) name; timm < 1.0.31 kept the flag for file sources.
@@ -87,7 +97,7 @@ def decoder_layers(decoder: PreTrainedModel) -> nn.ModuleList:
 
 
 class Projector(nn.Module):
-    """Patch features ``(B, P, Dv)`` -> decoder embeddings ``(B, P / pool^2, D)``."""
+    """Patch features ``(B, P, Dv)`` -> decoder embeddings ``(B, P / pool^2, D)`` (blocks averaged or stacked)."""
 
     def __init__(self, in_features: int, out_features: int, grid_size: tuple[int, int], config: ProjectorConfig):
         super().__init__()
@@ -96,7 +106,8 @@ class Projector(nn.Module):
         hidden = config.hidden_features or out_features
         self.grid_size = grid_size
         self.pool = config.pool
-        self.fc1 = nn.Linear(in_features, hidden)
+        self.shuffle = config.merge == "shuffle"
+        self.fc1 = nn.Linear(in_features * (config.pool**2 if self.shuffle else 1), hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, out_features)
 
@@ -108,7 +119,11 @@ class Projector(nn.Module):
         if self.pool > 1:
             b, _, d = x.shape
             x = x.transpose(1, 2).reshape(b, d, *self.grid_size)  # (B, Dv, H, W)
-            x = F.avg_pool2d(x, self.pool).flatten(2).transpose(1, 2)  # (B, P', Dv)
+            if self.shuffle:
+                x = F.pixel_unshuffle(x, self.pool)  # (B, Dv * pool^2, H / pool, W / pool)
+            else:
+                x = F.avg_pool2d(x, self.pool)  # (B, Dv, H / pool, W / pool)
+            x = x.flatten(2).transpose(1, 2)  # (B, P', Dv or Dv * pool^2)
         return self.fc2(self.act(self.fc1(x)))
 
 
