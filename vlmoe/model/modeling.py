@@ -9,7 +9,8 @@ Notable choices:
   call: ViT tokens are modality 0; decoder positions are 0 at image placeholders, 1 elsewhere.
 - The loss is assembled in one place, ``_losses``: LM loss on target tokens (labels -100
   elsewhere), plus the load-balancing and z-losses averaged over MoE calls and weighted by
-  ``config.moe``; each term is also returned on its own, with per-layer routing statistics.
+  ``config.moe``, and the optional words loss (``config.words_loss_weight``); each term is also
+  returned on its own, with per-layer routing statistics.
 """
 
 from __future__ import annotations
