@@ -66,10 +66,9 @@ demo: $(STAMP) $(DATA)/index.json
 demo-dense: $(STAMP) $(DATA)/index.json
 	$(PY) train.py --config configs/tiny-dense.yaml
 	$(MAKE) evaluate RUN=runs/tiny-dense
-	mkdir -p docs/results/demo-dense/eval_vqa docs/results/demo-dense/eval_caption
-	cp runs/tiny-dense/final/eval_vqa/metrics.json docs/results/demo-dense/eval_vqa/
-	cp runs/tiny-dense/final/eval_caption/metrics.json docs/results/demo-dense/eval_caption/
-	cp runs/tiny-dense/final/probe.json docs/results/demo-dense/
+	mkdir -p docs/results/demo-dense
+	cd runs/tiny-dense/final && cp --parents eval_vqa/metrics.json eval_caption/metrics.json probe.json \
+		$(CURDIR)/docs/results/demo-dense/
 
 # Test-split evaluation and the vision probe of $(RUN)/final.
 evaluate: $(STAMP)
