@@ -257,3 +257,19 @@ def test_conv_stem_sets_the_grid_and_keeps_each_image_independent_of_its_batch()
     torch.testing.assert_close(tower(x[1:2]), features[1:2])
     patched = VisionTower(VisionConfig(img_size=32, patch_size=2, embed_dim=32, depth=1, num_heads=2, conv_stem=[8, 16, 32]))
     assert patched.grid_size == (2, 2)  # patch_size counts stem output pixels
+
+
+def test_stem_pixels_adds_a_linear_embedding_of_each_tokens_pixels():
+    from timm.layers import HybridEmbed
+
+    from vlmoe.model.config import VisionConfig
+    from vlmoe.model.towers import VisionTower
+
+    torch.manual_seed(0)
+    config = VisionConfig(img_size=32, patch_size=1, embed_dim=32, depth=1, num_heads=2, conv_stem=[8, 16, 32], stem_pixels=True)
+    embed = VisionTower(config).eval().vit.patch_embed
+    x = torch.randn(2, 3, 32, 32)
+    stem_only = HybridEmbed.forward(embed, x)
+    patches = x.unfold(2, 8, 8).unfold(3, 8, 8).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # (B, 16, 3*8*8)
+    linear = patches @ embed.pixels.weight.flatten(1).T + embed.pixels.bias  # each 8 px patch, linearly
+    torch.testing.assert_close(embed(x), stem_only + linear, rtol=1e-5, atol=1e-5)

@@ -52,6 +52,7 @@ class VisionConfig:
             ``ConvStem``; Xiao et al. 2021, "Early convolutions help transformers see better") in
             place of the linear patch embedding; ``patch_size`` then counts stem output pixels, so
             a patch covers ``patch_size * 2 ** len(conv_stem)`` image pixels. ``None``: no stem.
+        stem_pixels: with ``conv_stem``, also add a linear embedding of each token's raw pixels.
         moe_layers / moe_every: which blocks become MoE.
         image_mean, image_std, interpolation, crop_pct: preprocessing; ``None`` takes timm's
             data config of the model.
@@ -68,6 +69,7 @@ class VisionConfig:
     mlp_ratio: float | None = None
     pretrained_file: str | None = None
     conv_stem: list[int] | None = None
+    stem_pixels: bool = False
     moe_layers: list[int] | None = None
     moe_every: int = 0
     image_mean: list[float] | None = None

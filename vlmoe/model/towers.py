@@ -27,6 +27,22 @@ from ..moe import MoEConfig, MoELayer, SharedMoE
 from .config import DecoderConfig, ProjectorConfig, VisionConfig, moe_layer_indices
 
 
+class StemPixelsEmbed(HybridEmbed):
+    """timm's ``HybridEmbed`` over a conv stem, plus a linear embedding of each token's raw pixels.
+
+    The stem's BatchNorm + ReLU features learn shape fast but lost colour in 2 of 4 runs; a linear
+    patch embedding keeps colour (probe 0.99). The sum gives each token both paths.
+    """
+
+    def __init__(self, *args, stride: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
+        self.pixels = nn.Conv2d(kwargs.get("in_chans", 3), self.proj.out_channels, stride, stride=stride, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) + self.pixels(x).flatten(2).transpose(1, 2)  # (B, P, D)
+
+
 class VisionTower(nn.Module):
     """A timm ViT that returns its patch tokens (prefix tokens such as CLS dropped)."""
 
@@ -43,7 +59,10 @@ class VisionTower(nn.Module):
             # demo model learned far slower (docs/RESULTS.md, section 5).
             n = len(config.conv_stem)
             stem = ConvStem(depth=n, channels=tuple(config.conv_stem), stride=(2,) * n)
-            kwargs["embed_layer"] = partial(HybridEmbed, backbone=stem)
+            if config.stem_pixels:
+                kwargs["embed_layer"] = partial(StemPixelsEmbed, backbone=stem, stride=2**n * (config.patch_size or 1))
+            else:
+                kwargs["embed_layer"] = partial(HybridEmbed, backbone=stem)
         pretrained = config.pretrained_file is not None
         # custom_load off: a local file is a PyTorch state dict, not the JAX .npz that some
         # pretrained configs (vit_tiny's) name; timm < 1.0.31 kept the flag for file sources.
