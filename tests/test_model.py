@@ -222,6 +222,23 @@ def test_words_loss_off_by_default(tokenizer):
     assert model(**batch).words_loss is None
 
 
+def test_pixel_loss_is_the_mean_squared_error_to_each_tokens_block_and_trains_the_vision_tower(tokenizer):
+    model, processor = build(tokenizer, pixel_loss_weight=0.5, pixel_loss_size=2)
+    model.train()
+    batch = processor.training_batch(images(), [processor.prompt(), processor.prompt()], ["a red circle", "a blue square"])
+    out = model(**batch)
+    assert out.loss.item() == pytest.approx((out.lm_loss + out.aux_loss + out.z_loss + out.pixel_loss).item(), rel=1e-6)
+    out.pixel_loss.backward()
+    assert model.vision.vit.patch_embed.proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # a head that always says 0: the loss is the mean square of the (one-colour) images
+        model.pixel_head.weight.zero_()
+        model.pixel_head.bias.zero_()
+    expected = batch["pixel_values"].pow(2).mean()
+    assert model(**batch).pixel_loss.item() == pytest.approx(0.5 * expected.item(), rel=1e-5)
+    assert model.pixel_head.out_features == 3 * 2 * 2
+    assert build(tokenizer)[0].pixel_head is None  # off by default: no head, no term
+
+
 def test_shuffle_projector_keeps_what_average_pooling_loses():
     from vlmoe.model.config import ProjectorConfig
     from vlmoe.model.towers import Projector

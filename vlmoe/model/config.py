@@ -170,6 +170,9 @@ class VLMoEConfig(PreTrainedConfig):
         max_text_length: the longest prompt + target the processor makes.
         words_loss_weight: weight of the auxiliary loss that predicts each sample's target words
             from its image tokens alone (``VLMoEForConditionalGeneration._words_loss``); 0 = off.
+        pixel_loss_weight: weight of the auxiliary loss in which each image token reconstructs its
+            block of the image (``VLMoEForConditionalGeneration._pixel_loss``); 0 = off.
+        pixel_loss_size: the pixels a side each image token reconstructs (its block, average-pooled).
     """
 
     model_type = "vlmoe"
@@ -185,6 +188,8 @@ class VLMoEConfig(PreTrainedConfig):
     vqa_prompt: str = VQA_PROMPT
     max_text_length: int = 64
     words_loss_weight: float = 0.0
+    pixel_loss_weight: float = 0.0
+    pixel_loss_size: int = 8
 
     def __post_init__(self, **kwargs):
         for name in _PARTS:

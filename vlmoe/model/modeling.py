@@ -47,6 +47,7 @@ class VLMoEOutput(CausalLMOutputWithPast):
     aux_loss: Tensor | None = None
     z_loss: Tensor | None = None
     words_loss: Tensor | None = None
+    pixel_loss: Tensor | None = None
     routing: list[RoutingRecord] | None = None
 
 
@@ -78,6 +79,10 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         config.decoder.text_config = text_config.to_diff_dict() | {"model_type": text_config.model_type}
         config.decoder.pretrained_path = None
         self.projector = Projector(self.vision.vit.embed_dim, text_config.hidden_size, self.vision.grid_size, config.projector)
+        # Each image token reconstructs its own block of pixels (``_pixel_loss``); only built when used.
+        self.pixel_head = (
+            nn.Linear(text_config.hidden_size, 3 * config.pixel_loss_size**2) if config.pixel_loss_weight else None
+        )
         self.post_init()
         # After post_init: the decoder's own init scheme would otherwise re-initialise the new
         # layers' nn.Linear modules (e.g. zeroed shared experts of an upcycled layer).
@@ -144,7 +149,7 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
                 logits_to_keep=logits_to_keep, **kwargs,  # the KV cache and use_cache, by whichever name
             )
         routing = self._routing(vision_records, decoder_records)
-        losses = self._losses(out.logits, labels, routing, image_embeds)
+        losses = self._losses(out.logits, labels, routing, image_embeds, pixel_values)
         return VLMoEOutput(**out, routing=routing, **losses)
 
     def _merge_image_embeds(self, inputs_embeds: Tensor, image_embeds: Tensor, is_image: Tensor) -> Tensor:
@@ -167,10 +172,15 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         ]
 
     def _losses(
-        self, logits: Tensor, labels: Tensor | None, routing: list[RoutingRecord], image_embeds: Tensor | None
+        self,
+        logits: Tensor,
+        labels: Tensor | None,
+        routing: list[RoutingRecord],
+        image_embeds: Tensor | None,
+        pixel_values: Tensor | None,
     ) -> dict[str, Tensor | None]:
         if labels is None:  # generation: no loss terms (and no router statistics computed)
-            return {"loss": None, "lm_loss": None, "aux_loss": None, "z_loss": None, "words_loss": None}
+            return dict.fromkeys(("loss", "lm_loss", "aux_loss", "z_loss", "words_loss", "pixel_loss"))
         moe = self.config.moe
         aux = z = None
         if routing:
@@ -184,7 +194,25 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         if self.config.words_loss_weight and image_embeds is not None:
             words = self.config.words_loss_weight * self._words_loss(image_embeds, labels)
             loss = loss + words
-        return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "words_loss": words}
+        pixel = None
+        if self.pixel_head is not None and image_embeds is not None:
+            pixel = self.config.pixel_loss_weight * self._pixel_loss(image_embeds, pixel_values)
+            loss = loss + pixel
+        return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "words_loss": words, "pixel_loss": pixel}
+
+    def _pixel_loss(self, image_embeds: Tensor, pixel_values: Tensor) -> Tensor:
+        """Mean squared error of each image token's reconstruction of its block of the image.
+
+        The image (as the ViT saw it, normalised) is average-pooled so that each image token's
+        block is ``pixel_loss_size`` pixels a side; a linear head reads the block's pixels off the
+        token. It keeps what the language loss alone may let the image tokens drop (a colour the
+        decoder has not learned to use yet); it needs no labels.
+        """
+        size = self.config.pixel_loss_size
+        grid = self.vision.grid_size[0] // self.projector.pool, self.vision.grid_size[1] // self.projector.pool
+        target = F.adaptive_avg_pool2d(pixel_values.float(), (grid[0] * size, grid[1] * size))  # (B, 3, gh*s, gw*s)
+        target = F.pixel_unshuffle(target, size).flatten(2).transpose(1, 2)  # (B, P', 3*s*s)
+        return F.mse_loss(self.pixel_head(image_embeds).float(), target)
 
     def _words_loss(self, image_embeds: Tensor, labels: Tensor) -> Tensor:
         """Each image's target words, each found in one of its image tokens (multiple-instance learning).

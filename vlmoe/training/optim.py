@@ -23,7 +23,8 @@ def param_group_of(name: str) -> str:
         return "routers"
     if ".experts." in f".{name}" or ".shared_experts." in f".{name}":
         return "experts"
-    for prefix, group in (("vision.", "vision"), ("projector.", "projector"), ("language_model.", "decoder")):
+    heads = (("vision.", "vision"), ("projector.", "projector"), ("pixel_head.", "projector"), ("language_model.", "decoder"))
+    for prefix, group in heads:
         if name.startswith(prefix):
             return group
     raise ValueError(f"parameter {name!r} belongs to no group of {list(PARAM_GROUPS)}")
