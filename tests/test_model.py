@@ -183,12 +183,18 @@ def test_parameter_counts_dense_model_active_equals_total(tokenizer):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"vision": {**VISION, "model_name": "hf-hub:timm/vit_base_patch16_224"}}, "vision.model_name"),
+        ({"vision": {**VISION, "model_name": "hf-hub:timm/vit_base_patch16_224", "mlp_ratio": 2.0, "moe_every": 1}},
+         "vision.model_name"),
         ({"vision": {**VISION, "pretrained_file": "/nonexistent/vit.safetensors"}}, "vision.pretrained_file"),
         ({"decoder": {"pretrained_path": "meta-llama/Llama-3.2-1B"}}, "decoder.pretrained_path"),
         ({"vision": {**VISION, "mlp_ratio": 4.0, "moe_every": 1}}, "share_moe_layers"),
         ({"vision": {**VISION, "moe_layers": [5]}}, "vision.moe_layers"),
         ({"moe": {"router": "expert_choice"}}, "expert_choice"),
+        # 36 px in 8 px patches: timm would crop 4 px; with timm's default patch (16 px), found once built
+        ({"vision": {**VISION, "img_size": 36, "mlp_ratio": 2.0, "moe_every": 1}}, "vision.img_size=36"),
+        ({"vision": {**VISION, "img_size": 40, "patch_size": None, "mlp_ratio": 2.0, "moe_every": 1}},
+         "vision.img_size=40 is not a multiple of the patch .vision.patch_size=16"),
+        ({"decoder": {"text_config": {**TEXT, "hiden_size": 32}, "moe_every": 1}}, "hiden_size.*did you mean 'hidden_size'"),
     ],
 )
 def test_clear_errors(tokenizer, overrides, match):

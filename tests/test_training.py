@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -146,11 +147,35 @@ def test_fsdp2_sharding_matches_unsharded_model(tmp_path):
         ("optim.freeze=[everything]", "optim.lr_mult/freeze"),
         ("train.mixed_precision=fp8", "train.mixed_precision"),
         ("train.steps=0", "train.steps"),
+        ("optim.warmup_steps=-5", "optim.warmup_steps"),
+        ("train.checkpoint_every=-2", "train.checkpoint_every"),
+        ("train.eval_every=-1", "train.eval_every"),
+        ("optim.min_lr_ratio=5", "optim.min_lr_ratio must be in [0, 1]"),
+        ("optim.lr_mult.vision=-1", "optim.lr_mult.vision"),
+        ("model.moe.aux_loss_weight=-1", "moe.aux_loss_weight"),
+        ("model.moe.z_loss_weight=-0.5", "moe.z_loss_weight"),
+        ("model.decoder.text_config.hiden_size=64", "decoder.text_config: unknown key(s) ['hiden_size']"),
+        ("model.decoder.text_config.model_type=no_such_model", "decoder.text_config.model_type"),
+        # tiny.yaml: a 4-convolution stem (16 px) and patch_size 1: 60 px is not whole tokens
+        ("model.vision.img_size=60", "vision.img_size=60 is not a multiple of the patch"),
+        ("model.vision.mlp_ratio=4.0", "vision.mlp_ratio"),  # shared MoE layers: ViT MLP 512 wide, decoder's 256
+        ("model.decoder.moe_every=2", "share_moe_layers needs as many MoE layers"),
     ],
 )
 def test_bad_config_names_the_key(override, match):
-    with pytest.raises(ValueError, match=match.replace(".", r"\.").replace("/", "/")):
+    with pytest.raises(ValueError, match=re.escape(match)):
         load_config(os.path.join(ROOT, "configs/tiny.yaml"), [override])
+
+
+def test_decoder_text_config_accepts_what_transformers_knows():
+    """Legacy names that transformers folds into others, and a saved decoder's resolved config, are accepted."""
+    config = load_config(os.path.join(ROOT, "configs/tiny.yaml"), ["model.decoder.text_config.rope_theta=500.0"])
+    resolved = config.model.decoder.transformers_config()
+    assert resolved.rope_parameters["rope_theta"] == 500.0
+    assert resolved.hidden_size == 128 and not hasattr(resolved, "hiden_size")
+    again = load_config(os.path.join(ROOT, "configs/tiny.yaml"),
+                        [f"model.decoder.text_config={json.dumps(resolved.to_diff_dict())}"])
+    assert again.model.decoder.transformers_config().to_dict() == resolved.to_dict()
 
 
 @pytest.mark.parametrize("modality_mode", ["shared", "per_modality"])

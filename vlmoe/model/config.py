@@ -14,6 +14,7 @@ Notable choices:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +87,24 @@ class VisionConfig:
             )
         if self.moe_every < 0:
             raise ValueError(f"vision.moe_every must be >= 0, got {self.moe_every}")
+        self.check_patch_grid()
+
+    def check_patch_grid(self) -> None:
+        """The image must be a whole number of patches: timm would silently crop the rest.
+
+        Checked here when both sizes are set, and again by ``VisionTower.resolve`` once timm has
+        filled in its defaults.
+        """
+        if self.img_size is None or self.patch_size is None:
+            return
+        stem = len(self.conv_stem or [])
+        patch = self.patch_size * 2**stem  # image pixels a token covers
+        if self.img_size % patch:
+            covers = f"vision.patch_size={self.patch_size}" + (f" x 2**len(vision.conv_stem)={2**stem}" if stem else "")
+            raise ValueError(
+                f"vision.img_size={self.img_size} is not a multiple of the patch ({covers} = {patch} px): "
+                f"timm would silently crop the last {self.img_size % patch} px of each image"
+            )
 
     def timm_kwargs(self) -> dict[str, Any]:
         names = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
@@ -117,6 +136,35 @@ class DecoderConfig:
             )
         if self.moe_every < 0:
             raise ValueError(f"decoder.moe_every must be >= 0, got {self.moe_every}")
+        self._check_text_config_keys()
+
+    def _check_text_config_keys(self) -> None:
+        """Refuse keys the transformers config class does not have: it would store a typo and ignore it.
+
+        A key is unknown when it adds an attribute that the class's default config lacks; legacy
+        names that transformers folds into others (``rope_theta``) and aliases pass.
+        """
+        text_config = dict(self.text_config)
+        model_type = text_config.pop("model_type", "llama")
+        try:
+            default = AutoConfig.for_model(model_type)
+        except ValueError as err:
+            raise ValueError(f"decoder.text_config.model_type={model_type!r}: {err}") from None
+        added = set(AutoConfig.for_model(model_type, **text_config).to_dict()) - set(default.to_dict())
+        if added:
+            hints = {k: difflib.get_close_matches(k, default.to_dict(), n=1) for k in sorted(added)}
+            hints = "".join(f"; {k!r}: did you mean {m[0]!r}?" for k, m in hints.items() if m)
+            raise ValueError(
+                f"decoder.text_config: unknown key(s) {sorted(added)} for model_type {model_type!r} "
+                f"({type(default).__name__}){hints}"
+            )
+
+    def transformers_config(self) -> PreTrainedConfig:
+        """The decoder's transformers config: the pretrained folder's, or built from ``text_config``."""
+        if self.pretrained_path is not None:
+            return AutoConfig.from_pretrained(self.pretrained_path, local_files_only=True)
+        text_config = dict(self.text_config)
+        return AutoConfig.for_model(text_config.pop("model_type", "llama"), **text_config)
 
 
 @dataclass
@@ -139,6 +187,34 @@ class ProjectorConfig:
             raise ValueError(f"projector.pool must be >= 1, got {self.pool}")
         if self.merge not in ("avg", "shuffle"):
             raise ValueError(f"projector.merge={self.merge!r} is not one of ['avg', 'shuffle']")
+
+
+def check_shared_moe_layers(vision: VisionConfig, decoder: DecoderConfig) -> None:
+    """Shared MoE layers need as many MoE layers and equal MLP widths in both towers.
+
+    Checked from the config, before anything is built or written, as far as the config tells;
+    what only the built towers tell (timm's defaults) ``towers.place_moe_layers`` checks again.
+    """
+    text = decoder.transformers_config()
+    if vision.depth is not None:
+        num_vision = len(moe_layer_indices(vision.depth, vision.moe_layers, vision.moe_every, "vision"))
+        num_decoder = len(moe_layer_indices(text.num_hidden_layers, decoder.moe_layers, decoder.moe_every, "decoder"))
+        if num_vision != num_decoder:
+            raise ValueError(
+                f"share_moe_layers needs as many MoE layers in the ViT ({num_vision}, from vision.depth, "
+                f"vision.moe_layers/moe_every) as in the decoder ({num_decoder}, from decoder.text_config."
+                "num_hidden_layers, decoder.moe_layers/moe_every)"
+            )
+    if vision.embed_dim is None or vision.mlp_ratio is None:
+        return
+    vision_width = (vision.embed_dim, int(vision.embed_dim * vision.mlp_ratio))  # timm Block's Mlp
+    decoder_width = (text.hidden_size, text.intermediate_size)
+    if vision_width != decoder_width:
+        raise ValueError(
+            f"share_moe_layers needs equal MLP widths: the ViT's (vision.embed_dim, vision.embed_dim * "
+            f"vision.mlp_ratio) = {vision_width} differs from the decoder's (decoder.text_config.hidden_size, "
+            f"intermediate_size) = {decoder_width}"
+        )
 
 
 _PARTS = {"vision": VisionConfig, "decoder": DecoderConfig, "projector": ProjectorConfig, "moe": MoEConfig}
@@ -194,6 +270,8 @@ class VLMoEConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         for name in _PARTS:
             setattr(self, name, _as_part(name, getattr(self, name)))
+        if self.share_moe_layers:
+            check_shared_moe_layers(self.vision, self.decoder)
         super().__post_init__(**kwargs)
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.layers import HybridEmbed
 from timm.models.vision_transformer_hybrid import ConvStem
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..moe import MoEConfig, MoELayer, SharedMoE
 from .config import DecoderConfig, ProjectorConfig, VisionConfig, moe_layer_indices
@@ -100,15 +100,14 @@ class VisionTower(nn.Module):
         config.crop_pct = config.crop_pct or data["crop_pct"]
         config.grid_size = self.grid_size[0]
         config.pretrained_file = None
+        config.check_patch_grid()  # now that timm's default sizes are known
 
 
 def build_decoder(config: DecoderConfig) -> PreTrainedModel:
     """A causal LM from a local folder, or from ``text_config`` (random weights)."""
     if config.pretrained_path is not None:
         return AutoModelForCausalLM.from_pretrained(config.pretrained_path, local_files_only=True)
-    text_config = dict(config.text_config)
-    model_type = text_config.pop("model_type", "llama")
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **text_config))
+    return AutoModelForCausalLM.from_config(config.transformers_config())
 
 
 def decoder_layers(decoder: PreTrainedModel) -> nn.ModuleList:

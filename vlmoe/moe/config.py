@@ -78,8 +78,9 @@ class MoEConfig:
             raise ValueError(f"moe.capacity_factor must be > 0 (or None for dropless), got {self.capacity_factor}")
         if self.num_shared_experts < 0:
             raise ValueError(f"moe.num_shared_experts must be >= 0, got {self.num_shared_experts}")
-        if self.jitter_noise < 0:
-            raise ValueError(f"moe.jitter_noise must be >= 0, got {self.jitter_noise}")
+        for name in ("jitter_noise", "aux_loss_weight", "z_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"moe.{name} must be >= 0, got {getattr(self, name)}")
         self.experts_per_modality = list(self.experts_per_modality)
         if self.modality_mode == "partitioned":
             self._check_partition()

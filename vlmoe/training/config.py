@@ -19,7 +19,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..data import DataSource
-from ..model.config import CAPTION_PROMPT, VQA_PROMPT, DecoderConfig, ProjectorConfig, VisionConfig, VLMoEConfig
+from ..model.config import (
+    CAPTION_PROMPT, VQA_PROMPT, DecoderConfig, ProjectorConfig, VisionConfig, VLMoEConfig, check_shared_moe_layers,
+)
 from ..moe import MoEConfig
 
 PARAM_GROUPS = ("vision", "decoder", "projector", "experts", "routers")
@@ -55,6 +57,10 @@ class ModelConfig:
     pixel_loss_weight: float = 0.0
     pixel_loss_size: int = 8
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def __post_init__(self) -> None:
+        if self.share_moe_layers:  # here too: the model's config is made only after the tokenizer is trained
+            check_shared_moe_layers(self.vision, self.decoder)
 
     def to_vlmoe_config(self) -> VLMoEConfig:
         return VLMoEConfig(
@@ -124,6 +130,13 @@ class OptimConfig:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if len(self.betas) != 2:
             raise ValueError(f"optim.betas needs two values, got {self.betas}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for group, mult in self.lr_mult.items():
+            if mult < 0:
+                raise ValueError(f"optim.lr_mult.{group} must be >= 0, got {mult}")
 
 
 @dataclass
@@ -158,6 +171,9 @@ class TrainConfig:
         for name in ("steps", "grad_accum", "log_every", "stats_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "checkpoint_every"):  # 0 = never
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0 (0: never), got {getattr(self, name)}")
 
     @property
     def run_dir(self) -> str:
