@@ -173,6 +173,26 @@ def test_upcycled_model_equals_dense_composite_at_init(tokenizer, tmp_path):
     assert counts["vision_active"] < counts["vision_total"] and counts["decoder_active"] < counts["decoder_total"]
 
 
+def test_building_twice_from_one_config_loads_the_pretrained_towers_both_times(tokenizer, tmp_path):
+    """build_model resolves a copy: the caller's config still names the local towers afterwards."""
+    vit_file, llama_dir = _dense_towers(tmp_path, tokenizer)
+    config = VLMoEConfig(
+        vision={**VISION, "pretrained_file": vit_file}, decoder={"pretrained_path": llama_dir},
+        moe={"num_experts": 4, "top_k": 2},
+    )
+    before = config.to_dict()
+    first, _ = build_model(config)
+    assert config.to_dict() == before
+    second, _ = build_model(config)
+    pretrained = LlamaForCausalLM.from_pretrained(llama_dir).state_dict()
+    for model in (first, second):
+        decoder = model.language_model.state_dict()
+        assert all(torch.equal(decoder[k], v) for k, v in pretrained.items()), "decoder not loaded from llama_dir"
+        assert torch.equal(model.vision.vit.pos_embed, torch.load(vit_file)["pos_embed"])
+        assert model.config.decoder.pretrained_path is None and model.config.vision.pretrained_file is None
+    assert first.config.to_dict() == second.config.to_dict()
+
+
 def test_parameter_counts_dense_model_active_equals_total(tokenizer):
     model, _ = build(tokenizer, share=False, vision={**VISION, "mlp_ratio": 2.0}, decoder={"text_config": dict(TEXT)})
     counts = model.parameter_counts()

@@ -13,6 +13,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Iterable, Sequence
 
@@ -145,9 +146,11 @@ def prepare_tokenizer(config: VLMoEConfig, tokenizer=None):
 def build_model(config: VLMoEConfig, tokenizer=None) -> tuple[VLMoEForConditionalGeneration, VLMoEProcessor]:
     """A new model and its processor: towers from local weights (upcycled) or from scratch.
 
-    A from-scratch decoder takes its vocabulary and special token ids from ``tokenizer``.
+    A from-scratch decoder takes its vocabulary and special token ids from ``tokenizer``. ``config``
+    is left as it is (the model resolves a copy), so the same config builds the same model again.
     """
     tokenizer = prepare_tokenizer(config, tokenizer)
+    config = copy.deepcopy(config)
     config.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
     if config.decoder.pretrained_path is None:
         config.decoder.text_config = {
@@ -157,8 +160,8 @@ def build_model(config: VLMoEConfig, tokenizer=None) -> tuple[VLMoEForConditiona
     model = VLMoEForConditionalGeneration(config)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.language_model.resize_token_embeddings(len(tokenizer))
-        config.decoder.text_config["vocab_size"] = len(tokenizer)
+        model.config.decoder.text_config["vocab_size"] = len(tokenizer)
     generation = model.generation_config
     generation.bos_token_id, generation.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     generation.pad_token_id = tokenizer.pad_token_id
-    return model, VLMoEProcessor(config, tokenizer)
+    return model, VLMoEProcessor(model.config, tokenizer)

@@ -15,6 +15,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,9 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
     """A timm ViT and a transformers causal LM joined by a projector, with modality-aware MoE layers."""
 
     def __init__(self, config: VLMoEConfig):
+        # The model resolves its own copy (tower paths -> architecture), so the caller's config
+        # still names the pretrained towers and builds the same model again.
+        config = copy.deepcopy(config)
         super().__init__(config)
         upcycle_vision = config.vision.pretrained_file is not None
         upcycle_decoder = config.decoder.pretrained_path is not None
