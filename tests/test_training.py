@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -198,6 +199,46 @@ def test_missing_config_file_and_empty_data():
         load_config("configs/missing.yaml")
     with pytest.raises(ValueError, match="data.train"):
         load_config(None, [])
+
+
+def empty_shards(folder) -> str:
+    """Two tar files with no member: shards a failed conversion could leave behind."""
+    os.makedirs(folder, exist_ok=True)
+    for i in range(2):
+        tarfile.open(os.path.join(folder, f"empty-{i}.tar"), "w").close()
+    return f"{folder}/empty-*.tar"
+
+
+@pytest.mark.parametrize("tokenizer", ["trained", "given"])
+def test_training_on_empty_shards_names_the_pattern(tokenizer, tmp_path):
+    pattern = empty_shards(tmp_path / "shards")
+    extra = []
+    if tokenizer == "given":  # then the training loader is the first to read the shards
+        train_tokenizer(["a red circle"] * 10, vocab_size=300).save_pretrained(tmp_path / "tokenizer")
+        extra = [f"model.tokenizer.path={tmp_path / 'tokenizer'}"]
+    args = TINY_MODEL + [f"data.train=[{{pattern: '{pattern}', task: caption}}]", "data.val=[]",
+                         f"train.output_dir={tmp_path}", "train.name=empty", "train.steps=2", *extra]
+    with pytest.raises((ValueError, RuntimeError), match=re.escape(pattern)) as error:
+        train.main(["--config", os.path.join(ROOT, "configs/tiny.yaml"), *args])
+    assert "no readable sample" in str(error.value)
+    assert not (tmp_path / "empty" / "final").exists()
+
+
+def test_validation_pattern_that_matches_nothing_fails_before_anything_is_written(shapes, tmp_path):
+    args = overrides(shapes, str(tmp_path), "typo", "train.steps=4", "train.eval_every=2",
+                     f"data.val=[{{pattern: '{shapes}/vqa/vall-*.tar', task: vqa}}]")
+    with pytest.raises(ValueError, match=re.escape(r"data.val[0].pattern: shard pattern") + ".*vall-"):
+        train.main(["--config", os.path.join(ROOT, "configs/tiny.yaml"), *args])
+    assert not (tmp_path / "typo").exists()
+
+
+def test_shared_moe_layers_of_unequal_widths_fail_before_anything_is_written(shapes, tmp_path):
+    args = overrides(shapes, str(tmp_path), "unshareable", "train.steps=2", "model.share_moe_layers=true",
+                     "model.vision.moe_every=1", "model.decoder.moe_every=1", "model.vision.mlp_ratio=4.0")
+    # TINY_MODEL: ViT MLP 32 -> 128, decoder MLP 32 -> 64
+    with pytest.raises(ValueError, match=r"share_moe_layers.*vision\.mlp_ratio.*\(32, 128\).*intermediate_size.*\(32, 64\)"):
+        train.main(["--config", os.path.join(ROOT, "configs/tiny.yaml"), *args])
+    assert not (tmp_path / "unshareable").exists()
 
 
 class _FailingAccelerator:

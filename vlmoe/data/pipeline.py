@@ -174,18 +174,20 @@ class ReadShards:
     """Shard descriptions -> raw samples and ``Skipped`` records (``reader.read_shard``).
 
     With ``require_data`` (training, where the shard list repeats forever) a whole pass over this
-    consumer's shards that gives no sample at all raises instead of looping without end.
+    consumer's shards that gives no sample at all raises, naming the source's ``pattern``, instead
+    of looping without end.
     """
 
     require_data: bool
+    pattern: str | Sequence[str] = ""
 
     def __call__(self, shards: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any] | Skipped]:
         epoch, found, first = None, True, ""
         for shard in shards:
             if shard["__epoch__"] != epoch:
                 if self.require_data and not found:
-                    raise RuntimeError(f"a whole pass over this process's shards ({first}, ...) gave no readable "
-                                       "sample")
+                    raise RuntimeError(f"shard pattern {self.pattern!r}: a whole pass over this process's shards "
+                                       f"({first}, ...) gave no readable sample")
                 epoch, found, first = shard["__epoch__"], False, shard["url"]
             for item in read_shard(shard["url"], {"__task__": shard["__task__"]}):
                 found = found or not isinstance(item, Skipped)
@@ -353,7 +355,7 @@ def build_dataset(
         pipelines.append(
             wds.DataPipeline(
                 ShardList(urls, source.task, rank, world_size, source_seed, train),
-                ReadShards(require_data=train),
+                ReadShards(require_data=train, pattern=source.pattern),
                 SplitSamples(len(urls), rank, world_size),
                 Shuffle(shuffle_buffer, source_seed, rank) if train else None,
             )

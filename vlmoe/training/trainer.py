@@ -31,7 +31,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from ..data import build_dataset, build_loader
+from ..data import build_dataset, build_loader, expand_shards
 from ..evaluation.vqa_metrics import vqa_exact_match
 from ..model.modeling import RoutingRecord
 from ..processing import build_model, train_tokenizer
@@ -68,10 +68,26 @@ def run_tokenizer(config: Config, accelerator: Accelerator, run_dir: str):
         return AutoTokenizer.from_pretrained(model_cfg.tokenizer.path, local_files_only=True)
     saved = os.path.join(run_dir, "tokenizer")
     if accelerator.is_main_process and not os.path.isdir(saved):
-        tokenizer = train_tokenizer(_training_texts(config), vocab_size=model_cfg.tokenizer.vocab_size)
+        texts = list(_training_texts(config))
+        if not texts:
+            patterns = [s.pattern for s in config.data.train]
+            raise ValueError(f"data.train: the shards of {patterns} hold no readable sample (skipped ones are "
+                             "logged above); there is nothing to train the tokenizer or the model on")
+        tokenizer = train_tokenizer(texts, vocab_size=model_cfg.tokenizer.vocab_size)
         tokenizer.save_pretrained(saved)
     accelerator.wait_for_everyone()
     return AutoTokenizer.from_pretrained(saved, local_files_only=True)
+
+
+def check_data_patterns(config: Config) -> None:
+    """Every train and validation pattern matches files: checked before anything is written, so a
+    typo in a validation pattern does not surface at the first validation, hours in."""
+    for split in ("train", "val"):
+        for i, source in enumerate(getattr(config.data, split)):
+            try:
+                expand_shards(source.pattern)
+            except ValueError as err:
+                raise ValueError(f"data.{split}[{i}].pattern: {err}") from None
 
 
 def _training_texts(config: Config) -> Iterator[str]:
@@ -112,6 +128,7 @@ class Trainer:
         self.config = config
         train = config.train
         self.run_dir = train.run_dir
+        check_data_patterns(config)
         moe_loop = config.model.moe.implementation == "loop"  # the loop leaves unrouted experts without grads
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         self.accelerator = Accelerator(
