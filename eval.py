@@ -6,7 +6,10 @@
 
 Writes to ``--output`` (default ``CHECKPOINT/eval_TASK``): ``metrics.json``, ``predictions.json``
 (official COCO caption / VQA results format), ``samples.jsonl``, ``routing.json``,
-``routing_load.png`` and ``routing_patches.png``; prints the metrics as JSON.
+``routing_load.png`` and ``routing_patches.png``; prints the metrics as JSON. ``metrics.json``
+counts the samples the data pipeline skipped (``num_skipped``, by reason). The exit status is
+non-zero when no sample was evaluated, and when any was skipped unless ``--allow-skips`` is given
+(the files are written either way).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import os
 
 from vlmoe import VLMoEForConditionalGeneration, VLMoEProcessor
-from vlmoe.evaluation.runner import EvalOptions, evaluate
+from vlmoe.evaluation.runner import EvalOptions, eval_failure, evaluate
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -30,6 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--output", default=None, help="output folder (default CHECKPOINT/eval_TASK)")
+    parser.add_argument("--allow-skips", action="store_true",
+                        help="exit 0 even if the data pipeline skipped samples (corrupt images, missing text)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.checkpoint):
         parser.error(f"--checkpoint {args.checkpoint!r} is not a folder")
@@ -40,6 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = evaluate(model, processor, args.data, args.task, output, options)
     if metrics:
         print(json.dumps(metrics))
+    failure = eval_failure(metrics, args.allow_skips)
+    if failure is not None:
+        raise SystemExit(f"eval.py: {failure}; files written to {output}")
     return metrics
 
 

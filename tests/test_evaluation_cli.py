@@ -14,8 +14,10 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tarfile
 from collections import defaultdict
 
 import pytest
@@ -26,7 +28,7 @@ import eval as eval_script
 from vlmoe import VLMoEConfig, VLMoEForConditionalGeneration, VLMoEProcessor, build_model, train_tokenizer
 from vlmoe.caption import Captioner
 from vlmoe.caption import main as caption_main
-from vlmoe.data import DataSource, build_dataset, open_image
+from vlmoe.data import SKIP_REASONS, DataSource, build_dataset, open_image
 from vlmoe.evaluation import compute_caption_metrics, compute_vqa_metrics
 from vlmoe.evaluation import runner
 from vlmoe.evaluation.runner import EvalOptions, evaluate
@@ -39,10 +41,11 @@ ID = {"vqa": "question_id", "caption": "image_id"}
 TEXT = {"vqa": "answer", "caption": "caption"}
 NUM = {"vqa": "num_questions", "caption": "num_images"}
 METRIC_KEYS = {
-    "vqa": {"vqa_accuracy", "exact_match", "num_questions", "vqa_accuracy_by_type", "images_per_s"},
+    "vqa": {"vqa_accuracy", "exact_match", "num_questions", "vqa_accuracy_by_type", "images_per_s", "num_skipped"},
     "caption": {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider_d", "exact_match", "num_images",
-                "images_per_s"},
+                "images_per_s", "num_skipped"},
 }
+NO_SKIPS = dict.fromkeys(SKIP_REASONS, 0)
 FRACTIONS = {"vqa": ("vqa_accuracy", "exact_match"),
              "caption": ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "exact_match")}
 FILES = ("metrics.json", "predictions.json", "samples.jsonl", "routing.json", "routing_load.png", "routing_patches.png")
@@ -177,6 +180,7 @@ def check_run(task: str, output: str, evaluated: list) -> dict:
     metrics = read_json(os.path.join(output, "metrics.json"))
     assert set(metrics) == METRIC_KEYS[task]
     assert metrics[NUM[task]] == len(evaluated)
+    assert metrics["num_skipped"] == NO_SKIPS
     for key in FRACTIONS[task]:
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["images_per_s"] > 0
@@ -215,7 +219,7 @@ def check_run(task: str, output: str, evaluated: list) -> dict:
         again = compute_vqa_metrics(preds, [r["answers"] for r in samples], [r["question_type"] for r in samples])
     else:
         again = compute_caption_metrics(preds, [r["references"] for r in samples])
-    assert again == {k: v for k, v in metrics.items() if k != "images_per_s"}
+    assert again == {k: v for k, v in metrics.items() if k not in ("images_per_s", "num_skipped")}
     return metrics
 
 
@@ -300,6 +304,55 @@ def test_eval_rejects_missing_checkpoint_and_data(checkpoint, shapes, tmp_path, 
     with pytest.raises(ValueError, match="no-such-shards"):
         eval_script.main(["--checkpoint", checkpoint, "--data", str(tmp_path / "no-such-shards-*.tar"), "--task", "vqa",
                           "--output", str(tmp_path / "out")])
+
+
+def write_tar(path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def eval_folder(checkpoint: str, data: str, output: str, *extra: str) -> tuple[dict | None, str | None]:
+    """eval.py on a folder of caption shards: (returned metrics or None, the error it exited with or None)."""
+    args = ["--checkpoint", checkpoint, "--data", data, "--task", "caption", "--max-new-tokens", "2",
+            "--num-workers", "0", "--output", output, *extra]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return eval_script.main(args), None
+    except SystemExit as exit_info:
+        return None, str(exit_info.code)
+
+
+def test_eval_counts_skipped_samples_and_fails_unless_allowed(checkpoint, shapes, tmp_path):
+    """A shard with an undecodable image and a caption without image, read before the good test shard."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_tar(data / "0-bad.tar", {"bad1.png": b"not a png", "bad1.txt": b"a red circle", "bad2.txt": b"a square"})
+    for shard in sorted(pathlib.Path(shapes, "caption").glob("test-*.tar")):
+        shutil.copy(shard, data)
+    expected = {**NO_SKIPS, "bad_image": 1, "missing_image": 1}
+
+    returned, error = eval_folder(checkpoint, str(data), str(tmp_path / "strict"), "--batch-size", "8")
+    assert returned is None and "2 sample(s) skipped" in error and "--allow-skips" in error
+    metrics = read_json(tmp_path / "strict" / "metrics.json")  # the files are written all the same
+    assert metrics["num_skipped"] == expected and metrics["num_images"] == 24
+
+    returned, error = eval_folder(checkpoint, str(data), str(tmp_path / "allowed"), "--allow-skips",
+                                  "--limit", "4", "--batch-size", "4")
+    assert error is None and returned["num_skipped"] == expected and returned["num_images"] == 4
+    assert read_json(tmp_path / "allowed" / "metrics.json") == returned
+
+
+@pytest.mark.parametrize("members", [{}, {"bad1.png": b"not a png", "bad1.txt": b"a red circle"}], ids=["empty", "all-bad"])
+def test_eval_that_evaluates_nothing_fails(checkpoint, tmp_path, members):
+    (tmp_path / "data").mkdir()
+    write_tar(tmp_path / "data" / "only.tar", members)
+    returned, error = eval_folder(checkpoint, str(tmp_path / "data"), str(tmp_path / "out"), "--allow-skips")
+    assert returned is None and "no sample was evaluated" in error
+    metrics = read_json(tmp_path / "out" / "metrics.json")
+    assert metrics["num_images"] == 0 and metrics["num_skipped"] == {**NO_SKIPS, "bad_image": len(members) // 2}
 
 
 def predictions_set(folder: str) -> list[str]:

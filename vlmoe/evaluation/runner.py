@@ -6,6 +6,10 @@ Notable choices:
 - Each batch is generated with the KV cache (transformers' ``generate``); one extra
   teacher-forced forward over [image ; prompt ; generated text] records the routing of every
   position for the routing summary and pictures.
+- Samples the data pipeline skips (corrupt images, missing text, damaged shards; ``data.SKIP_REASONS``)
+  are counted by the pipeline itself (``SampleLoader.stats``), summed over processes and written to
+  ``metrics.json`` as ``num_skipped`` by reason, next to ``num_images`` / ``num_questions``;
+  ``eval_failure`` says when a run should not pass as a clean result.
 - Files: ``metrics.json``, ``predictions.json`` in the official results format (COCO captions
   ``[{"image_id", "caption"}]``, VQA ``[{"question_id", "answer"}]``), ``samples.jsonl`` for
   error analysis, ``routing.json``, ``routing_load.png`` and ``routing_patches.png``.
@@ -17,6 +21,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
 
@@ -25,7 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from ..data import DataSource, build_loader
+from ..data import SKIP_REASONS, DataSource, SampleLoader, build_loader
 from ..tasks import GenerationCollate
 from .caption_metrics import compute_caption_metrics, normalize_caption
 from .routing import RoutingSummary, denormalize, patch_experts, plot_load_heatmap, plot_patch_experts
@@ -78,9 +83,9 @@ def evaluate(
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     model = model.to(acc.device).eval()
     records, summary, pictures = [], RoutingSummary(), None
+    loader = _loader(processor, shards, task, options, acc)
     start = time.perf_counter()
-    for batch, samples in tqdm(_batches(processor, shards, task, options, acc), desc=f"eval {task}",
-                               disable=not acc.is_main_process):
+    for batch, samples in tqdm(_batches(loader, options, acc), desc=f"eval {task}", disable=not acc.is_main_process):
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         generated = model.generate(**batch, max_new_tokens=options.max_new_tokens, num_beams=options.num_beams, do_sample=False)
         texts = processor.decode(generated, batch["input_ids"].shape[1])
@@ -92,29 +97,56 @@ def evaluate(
     elapsed = time.perf_counter() - start
     records = gather_object(records)
     summaries = gather_object([summary])
+    skipped = gather_object([loader.stats.skipped])
     if not acc.is_main_process:
         return {}
     for other in summaries[1:]:
         summaries[0].merge(other)
     metrics = compute_metrics(task, records)
+    # With a limit every process reads the same samples (``_batches``): count one process's skips.
+    metrics["num_skipped"] = _skip_counts(skipped[:1] if options.limit is not None else skipped)
     metrics["images_per_s"] = round(len(records) / max(elapsed, 1e-9), 3)
     _write(output_dir, task, metrics, records, summaries[0], pictures, model.config.moe.num_experts)
     return metrics
 
 
-def _batches(processor, shards: str, task: str, options: EvalOptions, acc: Accelerator):
+def eval_failure(metrics: dict, allow_skips: bool = False) -> str | None:
+    """Why an evaluation must not pass as a result: nothing was evaluated, or samples were skipped
+    (unless ``allow_skips``); None when it may. ``metrics`` is what ``evaluate`` returned."""
+    if not metrics:  # not the main process: the main process decides
+        return None
+    evaluated = metrics.get("num_images", metrics.get("num_questions"))
+    skipped = {reason: n for reason, n in metrics["num_skipped"].items() if n}
+    if evaluated == 0:
+        return f"no sample was evaluated (skipped by reason: {skipped or 'none'})"
+    if skipped and not allow_skips:
+        return (f"{sum(skipped.values())} sample(s) skipped ({skipped}; the warnings above name each one) "
+                "and not evaluated; pass --allow-skips to accept the metrics of the rest")
+    return None
+
+
+def _skip_counts(per_process: list[Counter]) -> dict[str, int]:
+    """Skipped samples by reason (every reason, zeros included), summed over processes."""
+    total = sum(per_process, Counter())
+    return {reason: total[reason] for reason in SKIP_REASONS}
+
+
+def _loader(processor, shards: str, task: str, options: EvalOptions, acc: Accelerator) -> SampleLoader:
+    limited = options.limit is not None
+    return build_loader(
+        DataSource(shards, task), train=False, batch_size=options.batch_size, collate=GenerationCollate(processor),
+        rank=0 if limited else acc.process_index, world_size=1 if limited else acc.num_processes,
+        num_workers=options.num_workers,
+    )
+
+
+def _batches(loader: SampleLoader, options: EvalOptions, acc: Accelerator):
     """This process's generation batches: its share of all samples, or of the first ``limit``.
 
     With a limit, every process reads the same first ``limit`` samples and keeps every P-th batch,
     so the samples evaluated do not depend on the number of processes.
     """
-    limited = options.limit is not None
-    loader = build_loader(
-        DataSource(shards, task), train=False, batch_size=options.batch_size, collate=GenerationCollate(processor),
-        rank=0 if limited else acc.process_index, world_size=1 if limited else acc.num_processes,
-        num_workers=options.num_workers,
-    )
-    if not limited:
+    if options.limit is None:
         yield from loader
         return
     batches = islice(loader, math.ceil(options.limit / options.batch_size))
