@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(metrics))
     failure = eval_failure(metrics, args.allow_skips)
     if failure is not None:
-        raise SystemExit(f"eval.py: {failure}; files written to {output}")
+        raise SystemExit(f"eval.py --data {args.data!r}: {failure}; files written to {output}")
     return metrics
 
 
