@@ -155,6 +155,8 @@ def test_fsdp2_sharding_matches_unsharded_model(tmp_path):
         ("optim.lr_mult.vision=-1", "optim.lr_mult.vision"),
         ("model.moe.aux_loss_weight=-1", "moe.aux_loss_weight"),
         ("model.moe.z_loss_weight=-0.5", "moe.z_loss_weight"),
+        ("model.pixel_loss_weight=-1", "pixel_loss_weight must be >= 0"),
+        ("model.pixel_loss_size=0", "pixel_loss_size must be >= 1"),
         ("model.decoder.text_config.hiden_size=64", "decoder.text_config: unknown key(s) ['hiden_size']"),
         ("model.decoder.text_config.model_type=no_such_model", "decoder.text_config.model_type"),
         # tiny.yaml: a 4-convolution stem (16 px) and patch_size 1: 60 px is not whole tokens

@@ -272,6 +272,11 @@ class VLMoEConfig(PreTrainedConfig):
             setattr(self, name, _as_part(name, getattr(self, name)))
         if self.share_moe_layers:
             check_shared_moe_layers(self.vision, self.decoder)
+        for name in ("words_loss_weight", "pixel_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.pixel_loss_size < 1:
+            raise ValueError(f"pixel_loss_size must be >= 1, got {self.pixel_loss_size}")
         super().__post_init__(**kwargs)
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:

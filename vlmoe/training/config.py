@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..data import DataSource
 from ..model.config import (
-    CAPTION_PROMPT, VQA_PROMPT, DecoderConfig, ProjectorConfig, VisionConfig, VLMoEConfig, check_shared_moe_layers,
+    CAPTION_PROMPT, VQA_PROMPT, DecoderConfig, ProjectorConfig, VisionConfig, VLMoEConfig,
 )
 from ..moe import MoEConfig
 
@@ -59,8 +59,9 @@ class ModelConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
     def __post_init__(self) -> None:
-        if self.share_moe_layers:  # here too: the model's config is made only after the tokenizer is trained
-            check_shared_moe_layers(self.vision, self.decoder)
+        # The model's config validates itself; made here too, as the trainer makes it only after
+        # the run folder and the tokenizer are written.
+        self.to_vlmoe_config()
 
     def to_vlmoe_config(self) -> VLMoEConfig:
         return VLMoEConfig(
