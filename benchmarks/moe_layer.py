@@ -24,6 +24,7 @@ import torch
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
+from vlmoe.model.modeling import TEXT
 from vlmoe.moe import FeedForward, MoEConfig, MoELayer
 
 SHAPES = {  # name: (d, ffn, experts, top_k, tokens)
@@ -35,12 +36,26 @@ SHAPES = {  # name: (d, ffn, experts, top_k, tokens)
 HF_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 
 
+class TextPositions(torch.nn.Module):
+    """A MoE layer called on its own: every position is text (a layer needs each position's modality)."""
+
+    def __init__(self, layer: MoELayer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, TEXT)
+
+
 def build_variants(d: int, ffn: int, experts: int, top_k: int) -> dict[str, torch.nn.Module]:
     config = MoEConfig(num_experts=experts, top_k=top_k, expert_type="swiglu")
     vlmoe = MoELayer(d, ffn, config=config)
     loop = MoELayer(d, ffn, config=MoEConfig(**{**vars(config), "implementation": "loop"}))
     loop.load_state_dict(vlmoe.state_dict())
-    variants = {"vlmoe": vlmoe, "vlmoe_loop": loop, "dense": FeedForward(d, top_k * ffn, expert_type="swiglu")}
+    variants = {
+        "vlmoe": TextPositions(vlmoe), "vlmoe_loop": TextPositions(loop),
+        "dense": FeedForward(d, top_k * ffn, expert_type="swiglu"),
+    }
     for impl in HF_IMPLEMENTATIONS:
         hf_config = MixtralConfig(
             hidden_size=d, intermediate_size=ffn, num_local_experts=experts, num_experts_per_tok=top_k,

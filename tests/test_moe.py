@@ -205,8 +205,8 @@ def test_parameter_grads_without_input_grad(implementation):
     layer = make_layer(num_experts=4, top_k=2, expert_type="gelu", implementation=implementation)
     x = torch.randn(2, 8, DIM, dtype=F64)
     grad_out = torch.randn(2, 8, DIM, dtype=F64)
-    _, gx, grads = run_layer(layer, x, None, grad_out, input_grad=False)
-    _, _, grads_ref = run_layer(layer, x, None, grad_out, input_grad=True)
+    _, gx, grads = run_layer(layer, x, 0, grad_out, input_grad=False)
+    _, _, grads_ref = run_layer(layer, x, 0, grad_out, input_grad=True)
     assert gx is None
     for name in grads_ref:
         assert_close(grads[name], grads_ref[name], msg=name)
@@ -222,12 +222,12 @@ def test_cpu_block_forms_equal_loop(monkeypatch, variant, blocks):
     loop = clone_with(grouped, implementation="loop")
     x = torch.randn(3, 16, DIM, dtype=F64)
     grad_out = torch.randn(3, 16, out_features or DIM, dtype=F64)
-    out_l, gx_l, grads_l = run_layer(loop, x, None, grad_out)
+    out_l, gx_l, grads_l = run_layer(loop, x, 0, grad_out)
     rows = (out_l.load * out_l.tokens[:, None] * 2).sum(0)  # rows of each expert's block
     assert rows.max() > rows.min(), rows
     few_rows = {"few_rows": 10**6, "many_rows": 0, "mixed": int(rows.min())}[blocks]
     monkeypatch.setattr(experts_module, "FEW_ROWS", few_rows)
-    out_g, gx_g, grads_g = run_layer(grouped, x, None, grad_out)
+    out_g, gx_g, grads_g = run_layer(grouped, x, 0, grad_out)
     assert_close(out_g.hidden_states, out_l.hidden_states)
     assert_close(gx_g, gx_l)
     for name in grads_l:
@@ -283,8 +283,8 @@ def test_grouped_mm_branch_equals_loop(monkeypatch, expert_type, dtype, dim, hid
     torch.manual_seed(1)
     x = torch.randn(2, 8, dim).to(dtype)
     grad_out = torch.randn(2, 8, dim).to(dtype)
-    out_g, gx_g, grads_g = run_layer(grouped, x, None, grad_out)
-    out_l, gx_l, grads_l = run_layer(loop, x, None, grad_out)
+    out_g, gx_g, grads_g = run_layer(grouped, x, 0, grad_out)
+    out_l, gx_l, grads_l = run_layer(loop, x, 0, grad_out)
     tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
     assert_close(out_g.hidden_states, out_l.hidden_states, **tol)
     assert_close(gx_g, gx_l, **tol)
@@ -315,7 +315,7 @@ def test_one_expert_top1_equals_dense(expert_type, implementation, router):
     torch.manual_seed(1)
     x = torch.randn(3, 5, DIM, dtype=F64)
     grad_out = torch.randn(3, 5, DIM, dtype=F64)
-    out, gx, grads = run_layer(layer, x, None, grad_out)
+    out, gx, grads = run_layer(layer, x, 0, grad_out)
     xd = x.clone().requires_grad_(True)
     y = dense(xd)
     (y * grad_out).sum().backward()
@@ -340,7 +340,7 @@ def test_shared_expert_adds_a_dense_mlp():
     assert torch.equal(plain.router.weight, layer.router.weight)
     assert layer.shared_experts.fc_in.weight.shape == (2 * 2 * HIDDEN, DIM)  # two expert widths, gated
     x = torch.randn(2, 5, DIM, dtype=F64)
-    assert_close(layer(x), plain(x) + layer.shared_experts(x))
+    assert_close(layer(x, 0), plain(x, 0) + layer.shared_experts(x))
 
 
 # ------------------------------------------------------------------------- 3. upcycling
@@ -444,7 +444,7 @@ def test_equals_transformers_mixtral_block(hf_implementation, implementation, to
     x = torch.randn(2, 7, 32)
     grad_out = torch.randn(2, 7, 32)
 
-    out, gx, grads = run_layer(layer, x, None, grad_out)
+    out, gx, grads = run_layer(layer, x, 0, grad_out)
     xh = x.clone().requires_grad_(True)
     y = block(xh)
     (y * grad_out).sum().backward()
@@ -459,7 +459,7 @@ def test_equals_transformers_mixtral_block(hf_implementation, implementation, to
     router_logits = block.gate(x.view(-1, 32))[0]
     assert_close(out.router_logits, router_logits, **tol)
     hf_loss = load_balancing_loss_func((router_logits,), 4, top_k)
-    lb = layer.forward_with_aux(x).load_balance_loss
+    lb = layer.forward_with_aux(x, 0).load_balance_loss
     assert_close(lb, hf_loss, **tol)
     (g_ours,) = torch.autograd.grad(lb, layer.router.weight)
     (g_hf,) = torch.autograd.grad(hf_loss, block.gate.weight)
@@ -655,7 +655,7 @@ def test_aux_losses_under_collapsed_routing(top_k, expected):
     with torch.no_grad():
         layer.router.weight.zero_()
         layer.router.weight[0, 0, 0] = math.log(3.0)
-    out = layer.forward_with_aux(x)
+    out = layer.forward_with_aux(x, 0)
     assert_close(out.router_logits[:, 0], torch.full((10,), math.log(3.0), dtype=torch.float32))
     assert out.load_balance_loss.item() == pytest.approx(expected, rel=1e-6)
     assert out.z_loss.item() == pytest.approx(math.log(6.0) ** 2, rel=1e-6)
@@ -671,9 +671,9 @@ def test_jitter_noise_only_while_training():
     plain = clone_with(layer, jitter_noise=0.0)
     x = torch.randn(2, 8, DIM, dtype=F64)
     layer.eval()
-    assert torch.equal(layer.forward_with_aux(x).router_logits, plain.forward_with_aux(x).router_logits)
+    assert torch.equal(layer.forward_with_aux(x, 0).router_logits, plain.forward_with_aux(x, 0).router_logits)
     layer.train()
-    assert not torch.allclose(layer.forward_with_aux(x).router_logits, plain.forward_with_aux(x).router_logits)
+    assert not torch.allclose(layer.forward_with_aux(x, 0).router_logits, plain.forward_with_aux(x, 0).router_logits)
 
 
 # ------------------------------------------------------------------------------ 7. errors
@@ -762,7 +762,8 @@ def test_upcycled_timm_vit_equals_dense_vit(implementation):
     for block in upcycled.blocks:
         block.mlp = MoELayer.from_dense(block.mlp, config)
     images = torch.randn(2, 3, 32, 32)
-    assert_close(upcycled(images), dense(images), atol=1e-5, rtol=1e-5)
+    with moe_scope(upcycled, 0):
+        assert_close(upcycled(images), dense(images), atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- 9. moe_scope
@@ -789,10 +790,10 @@ def test_moe_scope_collects_and_routes_by_modality():
         assert_close(records[1].hidden_states, y, atol=0, rtol=0)
         assert records[0].tokens.tolist() == ([10, 0] if m == 0 else [0, 10])
 
-    # Outside any scope: nothing is recorded and the modality is back to the default (0).
-    model(x)
+    # Outside any scope: no modality, so a clear error, and nothing recorded.
+    with pytest.raises(ValueError, match="modality"):
+        model(x)
     assert len(records) == 2
-    assert_close(model(x), expected[0], atol=0, rtol=0)
 
     # A per-position modality tensor reaches the layers as it is.
     modality = two_modalities(2, 5)
@@ -819,9 +820,9 @@ def test_moe_scope_nests_and_restores_on_error():
         with moe_scope(model, 1) as records:
             model(x)
             raise RuntimeError("boom")
-    model(x)
+    with pytest.raises(ValueError, match="modality"):  # the scope is gone
+        model(x)
     assert len(records) == 2
-    assert_close(model(x), second(F.gelu(first(x, 0)), 0), atol=0, rtol=0)
 
 
 def test_moe_scope_shared_layer_records_every_call():
@@ -829,17 +830,17 @@ def test_moe_scope_shared_layer_records_every_call():
     layer = make_layer(num_experts=4, top_k=2)
     model = nn.Sequential(layer, nn.GELU(), layer)
     x = torch.randn(2, 5, DIM, dtype=F64)
-    with moe_scope(model) as records:
+    with moe_scope(model, 0) as records:
         y = model(x)
     assert len(records) == 2
-    assert_close(records[0].hidden_states, layer(x), atol=0, rtol=0)
-    assert_close(y, layer(F.gelu(layer(x))), atol=0, rtol=0)
+    assert_close(records[0].hidden_states, layer(x, 0), atol=0, rtol=0)
+    assert_close(y, layer(F.gelu(layer(x, 0)), 0), atol=0, rtol=0)
     assert len(list(model.parameters())) == len(list(layer.parameters()))
     # The shared parameters get the sum of both calls' gradients.
     grad_out = torch.randn_like(y)
     (y * grad_out).sum().backward()
     first, second = clone_with(layer), clone_with(layer)
-    (second(F.gelu(first(x))) * grad_out).sum().backward()
+    (second(F.gelu(first(x, 0)), 0) * grad_out).sum().backward()
     for (name, p), p1, p2 in zip(layer.named_parameters(), first.parameters(), second.parameters()):
         assert_close(p.grad, p1.grad + p2.grad, msg=name)
 
@@ -864,8 +865,23 @@ def test_moe_scope_reaches_a_layer_shared_through_shared_moe():
     assert len(records) == 2
     with moe_scope(decoder, 1):
         pass
-    assert_close(decoder(x), layer(x, 0), atol=0, rtol=0)  # back to the default modality
+    assert_close(decoder[1](x, 0), layer(x, 0), atol=0, rtol=0)  # an explicit modality passes through
+    with pytest.raises(ValueError, match="modality"):  # outside the scope, none is given
+        decoder(x)
     assert len(records) == 2  # and nothing recorded outside the scope
+
+
+def test_layer_outside_a_scope_needs_a_modality():
+    """No silent default: a layer called standalone is given its modality, or refuses."""
+    layer = make_layer(num_experts=4, top_k=2, modality_mode="per_modality")
+    x = torch.randn(2, 5, DIM, dtype=F64)
+    for call in (layer, layer.forward_with_aux, SharedMoE(layer)):
+        with pytest.raises(ValueError, match=r"modality.*layer\(x, modality\).*moe_scope"):
+            call(x)
+    with moe_scope(layer, 1):
+        in_scope = layer(x)
+    assert_close(layer(x, 1), in_scope, atol=0, rtol=0)
+    assert_close(SharedMoE(layer)(x, 1), in_scope, atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------ 10. dtypes and devices
@@ -924,8 +940,8 @@ def test_grouped_equals_loop_on_cuda(expert_type, dtype, dim, hidden):
     loop = clone_with(grouped, implementation="loop")
     x = torch.randn(4, 32, dim, device="cuda", dtype=dtype)
     grad_out = torch.randn(4, 32, dim, device="cuda", dtype=dtype)
-    out_g, gx_g, grads_g = run_layer(grouped, x, None, grad_out)
-    out_l, gx_l, grads_l = run_layer(loop, x, None, grad_out)
+    out_g, gx_g, grads_g = run_layer(grouped, x, 0, grad_out)
+    out_l, gx_l, grads_l = run_layer(loop, x, 0, grad_out)
     tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-4, "rtol": 1e-4}
     assert_close(out_g.hidden_states, out_l.hidden_states, **tol)
     assert_close(gx_g, gx_l, **tol)

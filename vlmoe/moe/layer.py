@@ -8,7 +8,8 @@ Notable choices:
 - ``forward(x, modality)`` returns a tensor like any MLP; ``forward_with_aux`` returns a
   ``MoEOutput`` with the aux losses and routing statistics. Inside a model, ``moe_scope``
   hands the per-position modality to every MoE layer and collects their outputs for the
-  duration of one forward, then clears both: nothing outlives the call.
+  duration of one forward, then clears both: nothing outlives the call. A layer called with
+  neither an explicit modality nor a scope raises: there is no silent default modality.
 - Aux losses: the Switch load-balancing loss (Fedus et al. 2021, eq. 4, in the top-k form
   transformers' ``load_balancing_loss_func`` uses) computed per modality over the experts the
   modality may use and averaged over the modalities present; the router z-loss
@@ -174,9 +175,8 @@ class MoELayer(nn.Module):
         return out.hidden_states
 
     def forward_with_aux(self, x: Tensor, modality: Tensor | int | None = None) -> MoEOutput:
-        """``x``: ``(..., D)``; ``modality``: ints broadcastable to ``x.shape[:-1]`` (default 0)."""
-        if modality is None and self._scope is not None:
-            modality = self._scope[0]
+        """``x``: ``(..., D)``; ``modality``: ints broadcastable to ``x.shape[:-1]``, required
+        unless a ``moe_scope`` gives it."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, D)
         modality = self._modality(modality, shape[:-1], x.device)  # (T,)
@@ -190,8 +190,13 @@ class MoELayer(nn.Module):
         return MoEOutput(y, router_out, modality, positions, experts, dropped, self.config, token_choice)
 
     def _modality(self, modality: Tensor | int | None, lead_shape: torch.Size, device: torch.device) -> Tensor:
+        if modality is None and self._scope is not None:
+            modality = self._scope[0]
         if modality is None:
-            modality = 0
+            raise ValueError(
+                "MoELayer needs each position's modality: call it as layer(x, modality) or inside "
+                "moe_scope(model, modality)"
+            )
         modality = torch.as_tensor(modality, device=device, dtype=torch.long)
         return modality.expand(lead_shape).reshape(-1)
 
@@ -280,7 +285,7 @@ def moe_layers_of(module: nn.Module) -> list[MoELayer]:
 
 
 @contextmanager
-def moe_scope(module: nn.Module, modality: Tensor | int | None = None) -> Iterator[list[MoEOutput]]:
+def moe_scope(module: nn.Module, modality: Tensor | int) -> Iterator[list[MoEOutput]]:
     """Give every MoE layer inside ``module`` this modality and collect their outputs.
 
     ``modality`` must broadcast to the leading shape of the inputs those layers see. Yields the
