@@ -210,6 +210,7 @@ def test_parameter_counts_dense_model_active_equals_total(tokenizer):
         ({"vision": {**VISION, "mlp_ratio": 4.0, "moe_every": 1}}, "share_moe_layers"),
         ({"vision": {**VISION, "moe_layers": [5]}}, "vision.moe_layers"),
         ({"moe": {"router": "expert_choice"}}, "expert_choice"),
+        ({"moe": {"capacity_factor": 1.0}}, r"moe\.capacity_factor=1\.0 is not allowed in a causal layer"),
         # 36 px in 8 px patches: timm would crop 4 px; with timm's default patch (16 px), found once built
         ({"vision": {**VISION, "img_size": 36, "mlp_ratio": 2.0, "moe_every": 1}}, "vision.img_size=36"),
         ({"vision": {**VISION, "img_size": 40, "patch_size": None, "mlp_ratio": 2.0, "moe_every": 1}},

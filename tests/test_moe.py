@@ -711,6 +711,14 @@ def test_expert_choice_refused_in_causal_layer():
     MoELayer(DIM, HIDDEN, config=MoEConfig(num_experts=4, top_k=2), causal=True)  # token choice is fine
 
 
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_capacity_factor_refused_in_causal_layer(router):
+    """A capacity in a causal layer lets a later token drop an earlier one's assignment."""
+    with pytest.raises(ValueError, match=r"moe\.capacity_factor=1\.0 is not allowed in a causal layer"):
+        MoELayer(DIM, HIDDEN, config=MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0), causal=True)
+    MoELayer(DIM, HIDDEN, config=MoEConfig(num_experts=4, top_k=2, router=router, capacity_factor=1.0), causal=False)
+
+
 def test_layer_errors():
     with pytest.raises(ValueError, match="norm_layer"):
         MoELayer(DIM, HIDDEN, norm_layer=nn.LayerNorm, config=MoEConfig(num_experts=2, top_k=1))

@@ -42,7 +42,8 @@ class MoEConfig:
         num_shared_experts: always-on experts (one dense MLP of this many expert widths).
         expert_type: ``swiglu`` (gated SiLU, no bias) or ``gelu`` (two-layer GELU MLP with bias).
         capacity_factor: ``None`` for dropless; otherwise each expert takes at most
-            ``ceil(capacity_factor * assignments / num_experts)`` assignments.
+            ``ceil(capacity_factor * assignments / num_experts)`` assignments. Only in
+            non-causal layers: causal (decoder) layers refuse it.
         implementation: ``grouped`` (fused grouped kernel) or ``loop`` (the reference).
         aux_loss_weight: weight of the load-balancing loss in the training loss.
         z_loss_weight: weight of the router z-loss.

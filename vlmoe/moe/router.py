@@ -9,6 +9,8 @@ Notable choices:
   Expert choice: each expert takes its top positions by probability
   (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing"), so every position
   may see any number of experts; it looks at the whole sequence, so causal layers refuse it.
+- A capacity factor is refused in causal layers too: a later token's first choice could drop
+  an earlier token's assignment, and the capacity at decoding (T = batch) is not training's.
 """
 
 from __future__ import annotations
@@ -148,11 +150,24 @@ class ExpertChoiceRouter(Router):
 
 
 def build_router(in_features: int, config: MoEConfig, causal: bool, device=None, dtype=None) -> Router:
+    if causal:
+        _check_causal(config)
     if config.router == "expert_choice":
-        if causal:
-            raise ValueError(
-                "moe.router='expert_choice' is not allowed in a causal layer: each expert would pick "
-                "positions by looking at future tokens. Use 'token_choice' for decoder layers."
-            )
         return ExpertChoiceRouter(in_features, config, device=device, dtype=dtype)
     return TokenChoiceRouter(in_features, config, device=device, dtype=dtype)
+
+
+def _check_causal(config: MoEConfig) -> None:
+    """A causal layer's routing of a position may depend on no later position."""
+    if config.router == "expert_choice":
+        raise ValueError(
+            "moe.router='expert_choice' is not allowed in a causal layer: each expert would pick "
+            "positions by looking at future tokens. Use 'token_choice' for decoder layers."
+        )
+    if config.capacity_factor is not None:
+        raise ValueError(
+            f"moe.capacity_factor={config.capacity_factor} is not allowed in a causal layer: a later token's "
+            "choice could drop an earlier token's assignment, and capacity at decoding (one token per "
+            "sequence) differs from training. Use moe.capacity_factor=None (dropless) for decoder layers "
+            "and layers shared with the decoder."
+        )
