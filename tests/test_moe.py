@@ -101,8 +101,9 @@ def reference_forward(layer: MoELayer, x: torch.Tensor, modality: torch.Tensor):
     """The layer's output assignment by assignment, and the dropped fraction per modality.
 
     Token choice with a capacity: each expert takes assignments first choices first, positions
-    in order, until it holds ``ceil(capacity_factor * T * k / E)``. Expert choice: every
-    ``(expert, position)`` pair the router picked with a non-zero weight.
+    in order, until it holds ``ceil(capacity_factor * T * k / E)``. Expert choice: in each
+    sequence (the last leading dimension of ``x``), every expert takes its ``capacity`` most
+    probable positions, those with a non-zero probability.
     """
     config = layer.config
     x2d = x.reshape(-1, x.shape[-1])
@@ -127,11 +128,14 @@ def reference_forward(layer: MoELayer, x: torch.Tensor, modality: torch.Tensor):
                 used[e] += 1
                 out[t] = out[t] + r.weights[t, slot].to(x.dtype) * expert_ffn(layer.experts, e, x2d[t : t + 1])[0]
     else:
-        for e in range(config.num_experts):
-            for c in range(r.indices.shape[1]):
-                t, w = int(r.indices[e, c]), r.weights[e, c]
-                if w > 0:
-                    out[t] = out[t] + w.to(x.dtype) * expert_ffn(layer.experts, e, x2d[t : t + 1])[0]
+        length = x.shape[-2]
+        for start in range(0, x2d.shape[0], length):
+            for e in range(config.num_experts):
+                picked = r.probs[start : start + length, e].topk(layer.router.capacity(length))
+                for w, i in zip(picked.values, picked.indices.tolist()):
+                    t = start + i
+                    if w > 0:
+                        out[t] = out[t] + w.to(x.dtype) * expert_ffn(layer.experts, e, x2d[t : t + 1])[0]
     y = torch.stack(out)
     if layer.shared_experts is not None:
         y = y + layer.shared_experts(x2d)
@@ -557,7 +561,7 @@ def test_per_modality_load_statistics(mode, router):
     modality = two_modalities()
     out = layer.forward_with_aux(x, modality)
     flat = modality.reshape(-1)
-    r = layer.router(x.reshape(-1, DIM), flat)
+    r = layer.router(x.reshape(-1, DIM), flat, 2)  # two sequences: expert choice picks in each
 
     num_experts = layer.config.num_experts
     counts = torch.zeros(2, num_experts, dtype=F64)
@@ -772,6 +776,42 @@ def test_upcycled_timm_vit_equals_dense_vit(implementation):
     images = torch.randn(2, 3, 32, 32)
     with moe_scope(upcycled, 0):
         assert_close(upcycled(images), dense(images), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_expert_choice_routes_each_sequence_alone(mode, capacity_factor):
+    """Each expert picks its positions within each sequence: a sequence's output and routing are
+    the same alone and in any batch (V-MoE's per-image capacity)."""
+    layer = make_layer(
+        **MODES[mode], top_k=2, modality_mode=mode, router="expert_choice", capacity_factor=capacity_factor
+    )
+    torch.manual_seed(1)
+    x = torch.randn(4, 9, DIM, dtype=F64)
+    modality = two_modalities(4, 9)
+    batch = layer.forward_with_aux(x, modality)
+    capacity = layer.router.capacity(9)
+    assert batch.router_logits.shape == (36, layer.config.num_experts)
+    for b in range(4):
+        alone = layer.forward_with_aux(x[b : b + 1], modality[b : b + 1])
+        assert_close(batch.hidden_states[b], alone.hidden_states[0])
+        for other in ([b, (b + 1) % 4], [(b + 2) % 4, b]):  # other batch-mates, other places
+            pair = layer(x[other], modality[other])
+            assert_close(pair[other.index(b)], alone.hidden_states[0])
+    # Every expert took ``capacity`` positions from each sequence.
+    r = layer.router(x.reshape(-1, DIM), modality.reshape(-1), 4)
+    picks = torch.stack([(r.indices // 9 == b).sum(-1) for b in range(4)])  # (B, E)
+    assert (picks == capacity).all()
+
+
+def test_expert_choice_vit_image_independent_of_its_batch():
+    config = MoEConfig(num_experts=4, top_k=1, router="expert_choice", capacity_factor=0.5)
+    model = _vit(functools.partial(MoELayer, config=config)).eval()
+    images = torch.randn(3, 3, 32, 32)
+    with moe_scope(model, 0):
+        features = model(images)
+        for i in range(3):
+            torch.testing.assert_close(model(images[i : i + 1]), features[i : i + 1], atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- 9. moe_scope

@@ -29,7 +29,7 @@ class MoEConfig:
         top_k: experts per position (token choice), or the average per position that sets
             each expert's capacity (expert choice).
         router: ``token_choice`` (each position picks its top-k experts) or ``expert_choice``
-            (each expert picks its top positions; only in non-causal layers).
+            (each expert picks its top positions in each sequence; only in non-causal layers).
         normalize_top_k: renormalise the top-k probabilities to sum to one.
         jitter_noise: multiplicative uniform noise on the router input while training.
         modality_mode: ``shared`` (one router for all modalities), ``per_modality`` (one router
@@ -42,8 +42,8 @@ class MoEConfig:
         num_shared_experts: always-on experts (one dense MLP of this many expert widths).
         expert_type: ``swiglu`` (gated SiLU, no bias) or ``gelu`` (two-layer GELU MLP with bias).
         capacity_factor: ``None`` for dropless; otherwise each expert takes at most
-            ``ceil(capacity_factor * assignments / num_experts)`` assignments. Only in
-            non-causal layers: causal (decoder) layers refuse it.
+            ``ceil(capacity_factor * assignments / num_experts)`` assignments (expert choice:
+            per sequence). Only in non-causal layers: causal (decoder) layers refuse it.
         implementation: ``grouped`` (fused grouped kernel) or ``loop`` (the reference).
         aux_loss_weight: weight of the load-balancing loss in the training loss.
         z_loss_weight: weight of the router z-loss.

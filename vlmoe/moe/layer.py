@@ -19,6 +19,7 @@ Notable choices:
 from __future__ import annotations
 
 import dataclasses
+import math
 from contextlib import contextmanager
 from functools import cached_property
 from typing import Iterator
@@ -176,11 +177,16 @@ class MoELayer(nn.Module):
 
     def forward_with_aux(self, x: Tensor, modality: Tensor | int | None = None) -> MoEOutput:
         """``x``: ``(..., D)``; ``modality``: ints broadcastable to ``x.shape[:-1]``, required
-        unless a ``moe_scope`` gives it."""
+        unless a ``moe_scope`` gives it.
+
+        Expert choice picks within each sequence (``x.shape[-2]`` positions), so an
+        image's routing does not depend on its batch-mates.
+        """
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, D)
         modality = self._modality(modality, shape[:-1], x.device)  # (T,)
-        router_out = self.router(x, modality)
+        sequences = math.prod(shape[:-2])  # expert choice ranks within each sequence
+        router_out = self.router(x, modality, sequences)
         dispatch, positions, experts, dropped = self.router.dispatch(router_out)
         y = self.experts(x, dispatch)
         if self.shared_experts is not None:

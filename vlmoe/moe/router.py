@@ -9,6 +9,8 @@ Notable choices:
   Expert choice: each expert takes its top positions by probability
   (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing"), so every position
   may see any number of experts; it looks at the whole sequence, so causal layers refuse it.
+  It ranks within each sequence, with each expert's capacity per sequence (V-MoE's per-image
+  grouping, Riquelme et al. 2021), so an image's routing does not depend on its batch-mates.
 - A capacity factor is refused in causal layers too: a later token's first choice could drop
   an earlier token's assignment, and the capacity at decoding (T = batch) is not training's.
 """
@@ -32,8 +34,8 @@ class RouterOutput:
     """Attributes:
     logits: ``(T, E)`` float32 router logits after modality masking.
     probs: ``(T, E)`` softmax of ``logits``.
-    weights: token choice ``(T, k)``; expert choice ``(E, C)``.
-    indices: token choice ``(T, k)`` expert ids; expert choice ``(E, C)`` position ids.
+    weights: token choice ``(T, k)``; expert choice ``(E, S*C)``, S sequences of C picks each.
+    indices: token choice ``(T, k)`` expert ids; expert choice ``(E, S*C)`` position ids.
     """
 
     logits: Tensor
@@ -80,15 +82,17 @@ class Router(nn.Module, ABC):
             logits = logits.masked_fill(blocked[modality], float("-inf"))
         return logits  # (T, E)
 
-    def forward(self, x: Tensor, modality: Tensor) -> RouterOutput:
+    def forward(self, x: Tensor, modality: Tensor, sequences: int = 1) -> RouterOutput:
+        """``sequences``: how many equal sequences the ``T`` positions hold, back to back."""
         logits = self.logits(x, modality)
         probs = logits.softmax(dim=-1)
-        weights, indices = self.select(probs)
+        weights, indices = self.select(probs, sequences)
         return RouterOutput(logits, probs, weights, indices)
 
     @abstractmethod
-    def select(self, probs: Tensor) -> tuple[Tensor, Tensor]:
-        """Routing weights and indices from the ``(T, E)`` probabilities."""
+    def select(self, probs: Tensor, sequences: int) -> tuple[Tensor, Tensor]:
+        """Routing weights and indices from the ``(T, E)`` probabilities (token choice routes each
+        position on its own and needs no ``sequences``)."""
 
     @abstractmethod
     def dispatch(self, router_out: RouterOutput) -> tuple[Dispatch, Tensor, Tensor, Tensor]:
@@ -100,7 +104,7 @@ class Router(nn.Module, ABC):
 
 
 class TokenChoiceRouter(Router):
-    def select(self, probs: Tensor) -> tuple[Tensor, Tensor]:
+    def select(self, probs: Tensor, sequences: int) -> tuple[Tensor, Tensor]:
         weights, indices = probs.topk(self.config.top_k, dim=-1)  # (T, k)
         if self.config.normalize_top_k:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -131,11 +135,18 @@ class TokenChoiceRouter(Router):
 
 class ExpertChoiceRouter(Router):
     def capacity(self, num_tokens: int) -> int:
+        """Positions each expert picks in a sequence of ``num_tokens``."""
         factor = self.config.capacity_factor or 1.0
         return min(num_tokens, math.ceil(factor * num_tokens * self.config.top_k / self.num_experts))
 
-    def select(self, probs: Tensor) -> tuple[Tensor, Tensor]:
-        return probs.t().topk(self.capacity(probs.shape[0]), dim=-1)  # (E, C)
+    def select(self, probs: Tensor, sequences: int) -> tuple[Tensor, Tensor]:
+        num_tokens, num_experts = probs.shape
+        length = num_tokens // sequences
+        per_sequence = probs.view(sequences, length, num_experts).transpose(1, 2)  # (S, E, L)
+        weights, indices = per_sequence.topk(self.capacity(length), dim=-1)  # (S, E, C)
+        indices = indices + length * torch.arange(sequences, device=indices.device).view(-1, 1, 1)  # positions in T
+        to_experts = lambda t: t.transpose(0, 1).reshape(num_experts, -1)  # noqa: E731  (S, E, C) -> (E, S*C)
+        return to_experts(weights), to_experts(indices)
 
     def dispatch(self, router_out: RouterOutput) -> tuple[Dispatch, Tensor, Tensor, Tensor]:
         num_experts, capacity = router_out.indices.shape
