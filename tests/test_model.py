@@ -87,6 +87,67 @@ def test_generate_with_cache_equals_uncached_greedy(tokenizer):
     assert torch.equal(generated, ids)
 
 
+def _padded_pair(processor, side: str) -> dict[str, torch.Tensor]:
+    """A short sample and a long one in one batch: the short one padded on ``side`` (as the
+    processor pads training batches on the right and generation batches on the left), with labels
+    on every position after bos that is not padding, and positions counted from bos."""
+    prompts = [processor.prompt(), processor.prompt("what color is the large circle left of the small square?")]
+    if side == "right":
+        batch = processor.training_batch(images(2), prompts, ["red", "a blue square right of a red circle"])
+    else:
+        batch = processor.generation_batch(images(2), prompts)
+    mask = batch["attention_mask"]
+    assert mask[0].sum() < mask.shape[1] and mask[1].all() and mask[0, 0 if side == "left" else -1] == 0
+    ids = batch["input_ids"]
+    batch["labels"] = ids.masked_fill((mask == 0) | (ids == processor.tokenizer.bos_token_id), -100)
+    batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return batch
+
+
+def _sample(batch: dict[str, torch.Tensor], i: int, drop_padding: bool = False) -> dict[str, torch.Tensor]:
+    sample = {k: v[i : i + 1] for k, v in batch.items()}
+    if drop_padding:
+        data = sample["attention_mask"][0].bool()
+        sample = {k: v if k == "pixel_values" else v[:, data] for k, v in sample.items()}
+        sample["position_ids"] = torch.arange(int(data.sum()))[None]
+    return sample
+
+
+def _routing_counts(out) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per MoE call: positions per modality, and assignments per modality and expert."""
+    return [(r.output.tokens, r.output.load * r.output.tokens[:, None]) for r in out.routing]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_changes_nothing_at_real_positions(tokenizer, side):
+    """A sample alone and the same sample padded (alone or beside a longer one): the same outputs at
+    its positions, the same losses and routing statistics; padding is counted nowhere."""
+    model, processor = build(tokenizer)
+    batch = _padded_pair(processor, side)
+    data = batch["attention_mask"][0].bool()
+    with torch.no_grad():
+        short, long = model(**_sample(batch, 0, drop_padding=True)), model(**_sample(batch, 1))
+        padded = model(**_sample(batch, 0))
+        pair = model(**batch)
+    tol = {"atol": 1e-5, "rtol": 1e-5}
+    for out in (padded, pair):
+        torch.testing.assert_close(out.logits[0, data], short.logits[0], **tol)
+    torch.testing.assert_close(pair.logits[1], long.logits[0], **tol)
+    for name in ("lm_loss", "aux_loss", "z_loss"):
+        torch.testing.assert_close(getattr(padded, name), getattr(short, name), **tol, msg=name)
+    for p, s in zip(padded.routing, short.routing):
+        assert torch.equal(p.output.tokens, s.output.tokens)
+        for name in ("load", "load_balance", "entropy", "dropped"):
+            torch.testing.assert_close(getattr(p.output, name), getattr(s.output, name), **tol, msg=name)
+    # Beside a longer sample, the counts are the two samples' own counts added: no padding among them.
+    for (tokens, counts), (t_short, c_short), (t_long, c_long) in zip(*map(_routing_counts, (pair, short, long))):
+        assert torch.equal(tokens, t_short + t_long)
+        torch.testing.assert_close(counts, c_short + c_long, **tol)
+    # Padding is read off a (batch, positions) mask; any other mask is refused, not ignored.
+    with pytest.raises(ValueError, match=r"attention_mask must be \(batch, positions\)"):
+        model(**{**batch, "attention_mask": batch["attention_mask"][:, None, None, :]})
+
+
 def test_beam_search_and_sampling_run(tokenizer):
     model, processor = build(tokenizer)
     batch = processor.generation_batch(images(2), [processor.prompt()] * 2)

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmoe.moe import Dispatch, Experts, FeedForward, MoEConfig, MoELayer, SharedMoE, moe_layers_of, moe_scope
+from vlmoe.moe import (
+    PADDING, Dispatch, Experts, FeedForward, MoEConfig, MoELayer, SharedMoE, moe_layers_of, moe_scope,
+)
 from vlmoe.moe import experts as experts_module
 from vlmoe.moe.experts import GroupedExpertsFunction
 
@@ -932,7 +934,51 @@ def test_layer_outside_a_scope_needs_a_modality():
     assert_close(SharedMoE(layer)(x, 1), in_scope, atol=0, rtol=0)
 
 
-# ------------------------------------------------------------------ 10. dtypes and devices
+# --------------------------------------------------------------------------- 10. padding
+
+
+def _padded(modality: torch.Tensor) -> torch.Tensor:
+    """The first sequence padded on the right, the second on the left."""
+    modality = modality.clone()
+    modality[0, -3:] = PADDING
+    modality[1, :2] = PADDING
+    return modality
+
+
+@pytest.mark.parametrize("routing", ["token_dropless", "token_capacity"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_padding_reaches_no_expert_loss_or_statistic(mode, routing):
+    """Padding positions route nowhere: the layer on a padded batch is the layer on its data
+    positions alone (output, aux and z losses, every statistic, capacity), with 0 at padding."""
+    router, capacity_factor = ROUTING[routing]
+    layer = make_layer(**MODES[mode], top_k=2, modality_mode=mode, router=router, capacity_factor=capacity_factor)
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, DIM, dtype=F64, requires_grad=True)
+    modality = _padded(two_modalities())
+    data = modality != PADDING
+    padded = layer.forward_with_aux(x, modality)
+    alone = layer.forward_with_aux(x[data], modality[data])
+    assert_close(padded.hidden_states[data], alone.hidden_states)
+    assert (padded.hidden_states[~data] == 0).all()
+    for name in ("router_logits", "load_balance_loss", "z_loss", "load", "load_balance", "entropy", "dropped"):
+        assert_close(getattr(padded, name), getattr(alone, name), msg=name)
+    assert padded.tokens.tolist() == alone.tokens.tolist() == [5, 6]
+    if capacity_factor is not None:
+        assert alone.dropped.sum() > 0  # the capacity binds, and padding took none of it
+    # Whatever padding holds changes nothing, and nothing flows back into it.
+    (grad,) = torch.autograd.grad(padded.hidden_states.sum() + padded.load_balance_loss + padded.z_loss, x)
+    assert (grad[~data] == 0).all()
+    garbage = x.detach().masked_fill(~data[..., None], 1e3)
+    assert_close(layer(garbage, modality), padded.hidden_states, atol=0, rtol=0)
+
+
+def test_padding_refused_by_expert_choice():
+    layer = make_layer(num_experts=4, top_k=2, router="expert_choice")
+    with pytest.raises(ValueError, match="expert_choice.*padding"):
+        layer(torch.randn(2, 8, DIM, dtype=F64), _padded(two_modalities()))
+
+
+# ------------------------------------------------------------------ 11. dtypes and devices
 
 
 @pytest.mark.parametrize("router", ["token_choice", "expert_choice"])

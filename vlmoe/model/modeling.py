@@ -6,7 +6,8 @@ Notable choices:
   Batches pad on the left for generation, and ``generate()`` is transformers' own: the prefill
   holds image and prompt, later steps are text only (``pixel_values`` is dropped after prefill).
 - Every MoE layer learns each position's modality through ``moe_scope``, set around each tower
-  call: ViT tokens are modality 0; decoder positions are 0 at image placeholders, 1 elsewhere.
+  call: ViT tokens are modality 0; decoder positions are 0 at image placeholders, 1 elsewhere,
+  and ``PADDING`` where the attention mask is 0, so padding reaches no expert, loss or statistic.
 - The loss is assembled in one place, ``_losses``: LM loss on target tokens (labels -100
   elsewhere), plus the load-balancing and z-losses averaged over MoE calls and weighted by
   ``config.moe``, and the optional words loss (``config.words_loss_weight``); each term is also
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..moe import MoELayer, MoEOutput, moe_layers_of, moe_scope
+from ..moe import PADDING, MoELayer, MoEOutput, moe_layers_of, moe_scope
 from .config import VLMoEConfig
 from .towers import Projector, VisionTower, build_decoder, decoder_layers, place_moe_layers
 
@@ -50,6 +51,20 @@ class VLMoEOutput(CausalLMOutputWithPast):
     words_loss: Tensor | None = None
     pixel_loss: Tensor | None = None
     routing: list[RoutingRecord] | None = None
+
+
+def decoder_modality(is_image: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """``(B, T)``: IMAGE at image placeholders, TEXT elsewhere, PADDING where the mask is 0."""
+    modality = torch.where(is_image, IMAGE, TEXT)  # (B, T)
+    if attention_mask is None:
+        return modality
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"attention_mask must be (batch, positions) with 0 at padding, got shape {tuple(attention_mask.shape)}: "
+            "the MoE layers read padding off it"
+        )
+    is_data = attention_mask[:, -modality.shape[1] :].bool()  # with a KV cache, the mask covers past positions too
+    return modality.masked_fill(~is_data, PADDING)
 
 
 class VLMoEPreTrainedModel(PreTrainedModel):
@@ -146,7 +161,7 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
             if pixel_values is not None:
                 image_embeds, vision_records = self.encode_images(pixel_values)
                 inputs_embeds = self._merge_image_embeds(inputs_embeds, image_embeds, is_image)
-        modality = torch.where(is_image, IMAGE, TEXT)  # (B, T)
+        modality = decoder_modality(is_image, attention_mask)  # (B, T)
         with moe_scope(self.language_model, modality) as decoder_records:
             out = self.language_model(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,

@@ -10,6 +10,9 @@ Notable choices:
   hands the per-position modality to every MoE layer and collects their outputs for the
   duration of one forward, then clears both: nothing outlives the call. A layer called with
   neither an explicit modality nor a scope raises: there is no silent default modality.
+- Padding is not data: positions whose modality is ``PADDING`` are removed before the router,
+  so no expert computes them and no loss, statistic or capacity counts them; their output is 0
+  (the residual passes them through). The model marks them from the attention mask.
 - Aux losses: the Switch load-balancing loss (Fedus et al. 2021, eq. 4, in the top-k form
   transformers' ``load_balancing_loss_func`` uses) computed per modality over the experts the
   modality may use and averaged over the modalities present; the router z-loss
@@ -32,14 +35,19 @@ from .config import MoEConfig
 from .experts import Experts, FeedForward
 from .router import RouterOutput, TokenChoiceRouter, build_router
 
+# The modality of a position that is not data (padding): it routes nowhere.
+PADDING = -1
+
 
 class MoEOutput:
     """What one MoE layer returns for one call. Losses and statistics are computed when first
     read (decoding reads none of them); statistics are detached, losses are not.
 
+    Everything but ``hidden_states`` covers the data positions only (padding excluded).
+
     Attributes:
-        hidden_states: the layer output, shaped like the input.
-        router_logits: ``(T, E)`` float32.
+        hidden_states: the layer output, shaped like the input (0 at padding positions).
+        router_logits: ``(T, E)`` float32, ``T`` the data positions in input order.
         load_balance_loss: scalar, averaged over the modalities present (0 for expert choice,
             which balances load by construction).
         z_loss: scalar router z-loss.
@@ -176,8 +184,8 @@ class MoELayer(nn.Module):
         return out.hidden_states
 
     def forward_with_aux(self, x: Tensor, modality: Tensor | int | None = None) -> MoEOutput:
-        """``x``: ``(..., D)``; ``modality``: ints broadcastable to ``x.shape[:-1]``, required
-        unless a ``moe_scope`` gives it.
+        """``x``: ``(..., D)``; ``modality``: ints broadcastable to ``x.shape[:-1]`` (``PADDING``
+        where a position is not data). Required unless a ``moe_scope`` gives it.
 
         Expert choice picks within each sequence (``x.shape[-2]`` positions), so an
         image's routing does not depend on its batch-mates.
@@ -185,12 +193,17 @@ class MoELayer(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, D)
         modality = self._modality(modality, shape[:-1], x.device)  # (T,)
-        sequences = math.prod(shape[:-2])  # expert choice ranks within each sequence
+        data = self._data_positions(modality)
+        if data is not None:
+            x, modality = x[data], modality[data]  # (T_data, D), (T_data,)
+        sequences = math.prod(shape[:-2])  # expert choice ranks within each (never padded) sequence
         router_out = self.router(x, modality, sequences)
         dispatch, positions, experts, dropped = self.router.dispatch(router_out)
         y = self.experts(x, dispatch)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
+        if data is not None:
+            y = y.new_zeros(shape[:-1].numel(), y.shape[-1]).index_copy(0, data, y)  # (T, D_out), 0 at padding
         y = self.drop(y).view(*shape[:-1], -1)
         token_choice = isinstance(self.router, TokenChoiceRouter)
         return MoEOutput(y, router_out, modality, positions, experts, dropped, self.config, token_choice)
@@ -205,6 +218,16 @@ class MoELayer(nn.Module):
             )
         modality = torch.as_tensor(modality, device=device, dtype=torch.long)
         return modality.expand(lead_shape).reshape(-1)
+
+    def _data_positions(self, modality: Tensor) -> Tensor | None:
+        """Indices of the positions that are data, or None when all are (nothing to remove)."""
+        is_data = modality != PADDING
+        if bool(is_data.all()):
+            return None
+        if not isinstance(self.router, TokenChoiceRouter):
+            # Expert choice ranks whole sequences; removing padding would mix them.
+            raise ValueError("moe.router='expert_choice' takes no padding positions (modality PADDING)")
+        return is_data.nonzero().squeeze(1)
 
     def aux_loss(self, out: MoEOutput) -> Tensor:
         """The weighted aux loss this layer adds to the training loss."""
@@ -294,9 +317,9 @@ def moe_layers_of(module: nn.Module) -> list[MoELayer]:
 def moe_scope(module: nn.Module, modality: Tensor | int) -> Iterator[list[MoEOutput]]:
     """Give every MoE layer inside ``module`` this modality and collect their outputs.
 
-    ``modality`` must broadcast to the leading shape of the inputs those layers see. Yields the
-    list the layers append their ``MoEOutput`` to, in call order. Restores the previous scope
-    on exit, so scopes nest.
+    ``modality`` must broadcast to the leading shape of the inputs those layers see (``PADDING``
+    marks positions that are not data). Yields the list the layers append their ``MoEOutput``
+    to, in call order. Restores the previous scope on exit, so scopes nest.
     """
     layers = moe_layers_of(module)
     records: list[MoEOutput] = []
