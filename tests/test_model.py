@@ -348,6 +348,21 @@ def test_shuffle_projector_keeps_what_average_pooling_loses():
         assert not torch.allclose(moved[:, 1], out[:, 1])
 
 
+def test_projector_position_embedding_tells_apart_one_feature_at_two_places():
+    from vlmoe.model.config import ProjectorConfig
+    from vlmoe.model.towers import Projector
+
+    torch.manual_seed(0)
+    x = torch.zeros(1, 16, 8)
+    x[:, 0] = x[:, 5] = torch.randn(8)  # the same patch feature in two places of a 4 x 4 grid
+    for pos_embed in (False, True):
+        projector = Projector(8, 16, (4, 4), ProjectorConfig(pos_embed=pos_embed))
+        out = projector(x)
+        assert torch.allclose(out[:, 0], out[:, 5]) != pos_embed
+        if pos_embed:
+            torch.testing.assert_close(out - projector.pos_embed, projector.fc2(projector.act(projector.fc1(x))))
+
+
 def test_conv_stem_sets_the_grid_and_keeps_each_image_independent_of_its_batch():
     from vlmoe.model.config import VisionConfig
     from vlmoe.model.towers import VisionTower

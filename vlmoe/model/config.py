@@ -176,11 +176,15 @@ class ProjectorConfig:
         pool: merge each ``pool x pool`` block of patches into one image token (1 = keep all).
         merge: how a block becomes one token: ``avg`` (average pooling) or ``shuffle``
             (space-to-depth: the block's features side by side, nothing thrown away; nanoVLM, Idefics3).
+        pos_embed: add a learned embedding of each image token's place in the grid to its output.
+            The decoder's RoPE sees the tokens in one line and attention values carry no position,
+            so a token's place in the image reaches answers ("left or right?") only through its features.
     """
 
     hidden_features: int | None = None
     pool: int = 1
     merge: str = "avg"
+    pos_embed: bool = False
 
     def __post_init__(self) -> None:
         if self.pool < 1:

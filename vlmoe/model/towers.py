@@ -128,6 +128,7 @@ class Projector(nn.Module):
         self.fc1 = nn.Linear(in_features * (config.pool**2 if self.shuffle else 1), hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, out_features)
+        self.pos_embed = nn.Parameter(torch.randn(self.num_tokens, out_features) * 0.02) if config.pos_embed else None
 
     @property
     def num_tokens(self) -> int:
@@ -142,7 +143,8 @@ class Projector(nn.Module):
             else:
                 x = F.avg_pool2d(x, self.pool)  # (B, Dv, H / pool, W / pool)
             x = x.flatten(2).transpose(1, 2)  # (B, P', Dv or Dv * pool^2)
-        return self.fc2(self.act(self.fc1(x)))
+        x = self.fc2(self.act(self.fc1(x)))
+        return x if self.pos_embed is None else x + self.pos_embed
 
 
 def _mlp_width(mlp: nn.Module) -> tuple[int, int]:
