@@ -18,7 +18,8 @@ Notable choices:
   shard and keeps the samples whose position modulo ranks x workers is its own. Ranks may get
   different numbers of batches: gather results once at the end, not per batch.
 - All randomness comes from ``random.Random`` objects seeded from ``seed``, the source, the
-  rank and the worker, created when iteration starts; nothing reads or sets global RNG state.
+  rank and the worker, created when iteration starts; nothing reads or sets global RNG state
+  (the DataLoader draws its workers' base seed from a generator of its own).
 - Skips: bad samples and unreadable shards travel down the stream as ``reader.Skipped`` records
   and are counted by the batching stage, which logs a warning naming shard and key. Every
   ``Batch`` carries the skip counts met since the previous batch (a last ``Batch`` with
@@ -436,4 +437,7 @@ def build_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
+        # A DataLoader draws a seed when an iterator starts; from the global RNG that draw would
+        # shift every later random op (router jitter, dropout), and differently after a resume.
+        generator=torch.Generator().manual_seed(seed),
     )
