@@ -332,6 +332,42 @@ def test_nonfinite_losses_skip_steps_then_stop(shapes, tmp_path, monkeypatch):
     assert os.path.basename(latest_checkpoint(run_dir)) == "step_00000004"
 
 
+def first_step_gradients(config) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """The logged losses and the gradients the optimizer sees at a run's first step."""
+    from vlmoe.training.trainer import Trainer
+
+    trainer = Trainer(config)
+    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    grads = []
+
+    def step(*args, **kwargs):
+        grads.extend(torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params)
+
+    trainer.optimizer.step = step
+    step_losses, _, _ = trainer._step(trainer._batches())
+    return step_losses, grads
+
+
+def test_gradient_accumulation_normalises_by_the_target_tokens_of_the_whole_step(shapes, tmp_path):
+    """Two micro-batches of 16 give the gradient of one batch of the same 32 samples: the LM loss
+    is a mean over the step's target tokens, not a mean of per-micro-batch means (captions and
+    answers differ in length). Off here: what depends on the micro-batch as a whole (aux and
+    z-losses, per-micro-batch means; the convolutional stem's BatchNorm statistics)."""
+    common = ["model.moe.aux_loss_weight=0", "model.moe.z_loss_weight=0", "train.clip_grad_norm=0",
+              "model.vision.conv_stem=null", "model.vision.patch_size=8"]
+    results = {}
+    for grad_accum, batch_size in ((1, 32), (2, 16)):
+        name = f"accum{grad_accum}"
+        config = load_config(os.path.join(ROOT, "configs/tiny.yaml"), overrides(
+            shapes, str(tmp_path), name, *common, f"train.grad_accum={grad_accum}", f"data.batch_size={batch_size}"))
+        results[name] = first_step_gradients(config)
+    (one_losses, one_grads), (two_losses, two_grads) = results["accum1"], results["accum2"]
+    assert two_losses["lm_loss"] == pytest.approx(one_losses["lm_loss"], rel=1e-5)
+    assert any(g.abs().sum() > 0 for g in one_grads)
+    for one, two in zip(one_grads, two_grads):
+        torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-7)
+
+
 def test_bf16_autocast_with_gradient_accumulation(shapes, tmp_path):
     # A process of its own: Accelerate's precision is fixed once per process.
     run = run_script(overrides(shapes, str(tmp_path), "bf16", "train.steps=2", "train.mixed_precision=bf16",

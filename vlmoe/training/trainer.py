@@ -6,7 +6,8 @@ Notable choices:
   itself, so the loader is not passed to ``accelerator.prepare``.
 - Gradient accumulation: ``grad_accum`` micro-batches under ``accelerator.accumulate`` (no
   gradient sync but on the last; under DeepSpeed its engine accumulates), then clipping and one
-  optimizer step.
+  optimizer step. The LM loss is the mean over the target tokens of the whole step, on every
+  process together (transformers' ``num_items_in_batch``), however they fall into micro-batches.
 - The data stream is a deterministic function of the seed, so resuming replays it to the
   checkpoint's position (``step * grad_accum`` batches) and continues with the same batches,
   the same RNG states, the same optimizer: losses after a resume equal an uninterrupted run's.
@@ -226,17 +227,20 @@ class Trainer:
         self.model.train()
         totals = torch.zeros(len(LOSS_TERMS), device=acc.device)
         finite, routing, samples = True, [], 0
-        for _ in range(cfg.grad_accum):
-            batch = {k: v.to(acc.device) for k, v in next(batches).items()}
+        micro_batches = [{k: v.to(acc.device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum)]
+        tokens = self._target_tokens_per_micro_batch(micro_batches)
+        for batch in micro_batches:
             samples += batch["input_ids"].shape[0]
             with acc.accumulate(self.model), acc.autocast():
-                out = self.model(**batch)
+                out = self.model(**batch, num_items_in_batch=tokens)
                 loss = out.loss
                 terms = [getattr(out, name) for name in LOSS_TERMS]
                 totals += torch.stack([t.detach().float() if t is not None else loss.new_zeros(()) for t in terms])
                 finite = finite and bool(acc.gather(torch.isfinite(loss.detach()).float().view(1)).min() > 0)
                 if finite:
-                    acc.backward(loss)  # divided by grad_accum (DeepSpeed: by its engine)
+                    # divided by grad_accum (DeepSpeed: by its engine): aux and z-losses (and the
+                    # words and pixel losses) stay means of per-micro-batch means
+                    acc.backward(loss)
             routing = out.routing
         if finite:
             if cfg.clip_grad_norm > 0:
@@ -250,6 +254,17 @@ class Trainer:
         self.state.samples_seen += samples * acc.num_processes
         means = acc.reduce(totals / cfg.grad_accum, reduction="mean").tolist()
         return dict(zip(LOSS_TERMS, means)), routing, samples
+
+    def _target_tokens_per_micro_batch(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The step's target tokens over all processes, per process and micro-batch.
+
+        Each micro-batch's LM loss is its sum over tokens divided by this; ``backward`` divides by
+        ``grad_accum`` and DDP (FSDP, DeepSpeed) averages over processes, so the step's gradient is
+        that of the mean over all of its target tokens.
+        """
+        acc = self.accelerator
+        tokens = sum((batch["labels"][:, 1:] != -100).sum() for batch in micro_batches).float()
+        return acc.reduce(tokens, reduction="mean") / len(micro_batches)
 
     def _on_nonfinite(self) -> None:
         self.state.nonfinite_in_a_row += 1
