@@ -105,12 +105,66 @@ def test_resume_is_exact_when_randomness_runs(shapes, tmp_path, extra):
     """Router jitter draws from the global torch RNG, which the checkpoint restores; nothing else
     (the DataLoader starting its iterator) may draw from it, or every step after a resume differs."""
     steps = ["train.steps=6", "train.checkpoint_every=3", "model.moe.jitter_noise=0.1", *extra]
-    run_dir = str(tmp_path / "run")
-    train_in_process(shapes, str(tmp_path), "run", *steps)
-    expected = losses(run_dir)
-    drop_checkpoints_after(run_dir, 3)
+    run_dir, expected = interrupted_run(shapes, tmp_path, *steps)
     train_in_process(shapes, str(tmp_path), "run", *steps, "--resume", "auto")
     assert losses(run_dir) == expected  # every step, bit for bit
+
+
+def interrupted_run(shapes: str, tmp_path, *steps: str) -> tuple[str, dict[int, float]]:
+    """A 6-step run killed after its step-3 checkpoint, having logged steps 4-6; and its losses."""
+    run_dir = str(tmp_path / "run")
+    train_in_process(shapes, str(tmp_path), "run", "train.steps=6", "train.checkpoint_every=3", *steps)
+    expected = losses(run_dir)
+    drop_checkpoints_after(run_dir, 3)
+    return run_dir, expected
+
+
+def test_resume_repairs_a_torn_metrics_line(shapes, tmp_path, caplog):
+    run_dir, expected = interrupted_run(shapes, tmp_path)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 7, "loss": 5.0')  # the kill came in the middle of a write
+    train_in_process(shapes, str(tmp_path), "run", "train.steps=6", "train.checkpoint_every=3", "--resume", "auto")
+    assert losses(run_dir) == expected
+    assert "torn last line" in caplog.text
+
+
+def test_tensorboard_holds_each_step_once_after_a_resume(shapes, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, expected = interrupted_run(shapes, tmp_path)
+    train_in_process(shapes, str(tmp_path), "run", "train.steps=6", "train.checkpoint_every=3", "--resume", "auto")
+    events = EventAccumulator(os.path.join(run_dir, "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [step for step, _ in logged] == sorted(expected)
+    assert [value for _, value in logged] == pytest.approx([expected[step] for step in sorted(expected)])
+
+
+def test_resume_without_a_checkpoint_names_the_run_folder(shapes, tmp_path):
+    run_dir = str(tmp_path / "fresh")
+    with pytest.raises(ValueError, match=re.escape(run_dir) + ".*no complete checkpoint"):
+        train_in_process(shapes, str(tmp_path), "fresh", "train.steps=2", "--resume", "auto")
+    missing = str(tmp_path / "elsewhere" / "step_00000003")
+    with pytest.raises(ValueError, match=re.escape(missing) + ": not a complete checkpoint"):
+        train_in_process(shapes, str(tmp_path), "fresh", "train.steps=2", "--resume", missing)
+
+
+def test_a_run_folder_holds_one_run(shapes, tmp_path):
+    """Re-running a run's name without --resume is refused before anything is written; resuming
+    with other tokenizer settings is refused; train.overwrite=true starts afresh in an emptied folder."""
+    run_dir = tmp_path / "run"
+    train_in_process(shapes, str(tmp_path), "run", "train.steps=2", "train.checkpoint_every=1")
+    written = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    with pytest.raises(ValueError, match=re.escape(f"run folder {run_dir} is not empty") + ".*--resume.*train.overwrite"):
+        train_in_process(shapes, str(tmp_path), "run", "train.steps=2")
+    with pytest.raises(ValueError, match=r"model.tokenizer.vocab_size=280 \(trained with 300\)"):
+        train_in_process(shapes, str(tmp_path), "run", "train.steps=4", "model.tokenizer.vocab_size=280", "--resume", "auto")
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == written
+    train_in_process(shapes, str(tmp_path), "run", "train.steps=1", "model.tokenizer.vocab_size=280",
+                     "train.overwrite=true")
+    assert not (run_dir / "checkpoints").exists() and set(losses(str(run_dir))) == {1}
+    with open(run_dir / "tokenizer" / "trained_with.json") as f:
+        assert json.load(f)["vocab_size"] == 280
 
 
 def test_two_processes_match_one_process(shapes, tmp_path):
