@@ -197,6 +197,28 @@ def test_archive_cut_inside_a_header_drops_the_sample_being_read(tmp_path: Path)
     assert keys == ["a"] and skipped == {"truncated": 1}  # b may have lost members: dropped as well
 
 
+@pytest.mark.parametrize("record", ["index", "img2dataset"])
+def test_a_damaged_shard_counts_every_sample_it_lost(tmp_path: Path, record: str) -> None:
+    """With the shard's sample count recorded (a prepare script's index.json, img2dataset's
+    NAME_stats.json), a truncated shard counts the samples it lost, an unreadable one all of them."""
+    (tmp_path / "shards").mkdir()
+    keys = [f"k{i}" for i in range(6)]
+    offsets = write_tar(tmp_path / "shards" / "s-0.tar", [m for key in keys for m in caption_members(key)])
+    raw = (tmp_path / "shards" / "s-0.tar").read_bytes()
+    (tmp_path / "shards" / "s-0.tar").write_bytes(raw[: offsets[4] + 100])  # inside the header of k2.png
+    (tmp_path / "shards" / "s-1.tar").write_bytes(bytes(range(256)) * 8)
+    if record == "index":
+        (tmp_path / "index.json").write_text(json.dumps(
+            {"caption/train": {"shards": {"shards/s-0.tar": 6, "shards/s-1.tar": 4}}}))
+    else:
+        for name, count in (("s-0", 6), ("s-1", 4)):
+            (tmp_path / "shards" / f"{name}_stats.json").write_text(json.dumps({"count": 7, "successes": count}))
+    batches = list(build_dataset(DataSource(str(tmp_path / "shards" / "s-{0..1}.tar"), "caption"), train=False,
+                                 batch_size=8))
+    loaded, skipped = keys_and_skips(batches)
+    assert loaded == ["k0"] and skipped == {"truncated": 5, "unreadable_shard": 4}  # k1 (being read) .. k5
+
+
 def test_truncated_gzip_shard_keeps_what_came_before(tmp_path: Path) -> None:
     keys = [f"k{i}" for i in range(20)]
     with tarfile.open(tmp_path / "s.tar.gz", "w:gz") as tar:

@@ -279,7 +279,7 @@ class Batcher:
         for item in src:
             if isinstance(item, Skipped):
                 logger.warning(item.describe())
-                skipped[item.reason] += 1
+                skipped[item.reason] += item.count
                 continue
             samples.append(item)
             if len(samples) == self.batch_size:
