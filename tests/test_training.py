@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -304,6 +305,50 @@ def test_training_on_empty_shards_names_the_pattern(tokenizer, tmp_path):
         train.main(["--config", os.path.join(ROOT, "configs/tiny.yaml"), *args])
     assert "no readable sample" in str(error.value)
     assert not (tmp_path / "empty" / "final").exists()
+
+
+def damaged_caption_shard(folder) -> str:
+    """One caption shard of 10 samples (index.json says so): an undecodable image, a missing
+    caption, bad JSON, 4 good samples, then a cut inside the header of the 9th sample's image."""
+    from PIL import Image
+
+    image = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image, format="PNG")
+    good = lambda key: [(f"{key}.png", image.getvalue()), (f"{key}.txt", b"a red square")]  # noqa: E731
+    members = [("k1.png", b"\x89PNG garbage"), ("k1.txt", b"x"), ("k2.png", image.getvalue()), ("k2.json", b"{}"),
+               *good("k3"), ("k3.json", b"[1, 2"), *[m for i in range(4, 11) for m in good(f"k{i}")]]
+    os.makedirs(folder / "caption")
+    with tarfile.open(folder / "caption" / "train-0.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            if name == "k9.png":
+                cut = tar.offset + 100
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = (folder / "caption" / "train-0.tar").read_bytes()
+    (folder / "caption" / "train-0.tar").write_bytes(raw[:cut])
+    (folder / "index.json").write_text(json.dumps({"caption/train": {"shards": {"caption/train-0.tar": 10}}}))
+    return str(folder / "caption" / "train-0.tar")
+
+
+def test_training_logs_skipped_samples_by_reason(tmp_path):
+    """Step 1's batch (k4-k7) comes after 3 bad samples; step 2's after the truncation (k8 being
+    read, k9 and k10 lost) and the next pass's 3 bad samples."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pattern = damaged_caption_shard(tmp_path / "shards")
+    train.main(["--config", os.path.join(ROOT, "configs/tiny.yaml"), *TINY_MODEL,
+                f"data.train=[{{pattern: '{pattern}', task: caption}}]", "data.val=[]", "data.shuffle_buffer=1",
+                f"train.output_dir={tmp_path}", "train.name=skips", "train.steps=2"])
+    run_dir = tmp_path / "skips"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    counts = [{k.split("/")[1]: v for k, v in r.items() if k.startswith("num_skipped/") and v}
+              for r in records if "loss" in r]
+    assert counts == [{"bad_image": 1, "missing_text": 1, "bad_json": 1},
+                      {"bad_image": 2, "missing_text": 2, "bad_json": 2, "truncated": 3}]
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("num_skipped/truncated")] == [0, 3]
 
 
 def test_validation_pattern_that_matches_nothing_fails_before_anything_is_written(shapes, tmp_path):

@@ -37,7 +37,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from ..data import build_dataset, build_loader, expand_shards
+from ..data import SKIP_REASONS, build_dataset, build_loader, expand_shards
 from ..evaluation.vqa_metrics import vqa_exact_match
 from ..model.modeling import RoutingRecord
 from ..processing import build_model, train_tokenizer
@@ -232,8 +232,17 @@ class Trainer:
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Training batches from the checkpoint's data position on."""
-        loader = self._loader(self.config.data.train, True, self.config.data.batch_size, TrainingCollate(self.processor))
-        return islice(iter(loader), self.state.step * self.config.train.grad_accum, None)
+        self.train_loader = self._loader(self.config.data.train, True, self.config.data.batch_size,
+                                         TrainingCollate(self.processor))
+        return islice(iter(self.train_loader), self.state.step * self.config.train.grad_accum, None)
+
+    def _skipped(self) -> dict[str, int]:
+        """Training samples the pipeline skipped so far, per reason, over every process (each
+        loader sums its workers' counts; the replay after a resume counts the skips before it)."""
+        stats = self.train_loader.stats.skipped
+        counts = torch.tensor([stats[reason] for reason in SKIP_REASONS], device=self.accelerator.device)
+        counts = self.accelerator.reduce(counts, reduction="sum")
+        return {f"num_skipped/{reason}": n for reason, n in zip(SKIP_REASONS, counts.tolist())}
 
     # --- loop ----------------------------------------------------------------------------
 
@@ -259,7 +268,8 @@ class Trainer:
             step = self.state.step
             if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = time.perf_counter() - window_start
-                record = {**losses, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": window_samples / elapsed}
+                record = {**losses, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": window_samples / elapsed,
+                          **self._skipped()}
                 if step % cfg.stats_every == 0 and routing:
                     record.update(routing_scalars(routing))
                 self._log(step, record)
