@@ -337,18 +337,26 @@ def test_training_logs_skipped_samples_by_reason(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     pattern = damaged_caption_shard(tmp_path / "shards")
-    train.main(["--config", os.path.join(ROOT, "configs/tiny.yaml"), *TINY_MODEL,
-                f"data.train=[{{pattern: '{pattern}', task: caption}}]", "data.val=[]", "data.shuffle_buffer=1",
-                f"train.output_dir={tmp_path}", "train.name=skips", "train.steps=2"])
+    args = ["--config", os.path.join(ROOT, "configs/tiny.yaml"), *TINY_MODEL,
+            f"data.train=[{{pattern: '{pattern}', task: caption}}]", "data.val=[]", "data.shuffle_buffer=1",
+            f"train.output_dir={tmp_path}", "train.name=skips", "train.steps=2", "train.checkpoint_every=1"]
+    train.main(args)
     run_dir = tmp_path / "skips"
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    counts = [{k.split("/")[1]: v for k, v in r.items() if k.startswith("num_skipped/") and v}
-              for r in records if "loss" in r]
-    assert counts == [{"bad_image": 1, "missing_text": 1, "bad_json": 1},
-                      {"bad_image": 2, "missing_text": 2, "bad_json": 2, "truncated": 3}]
+
+    def counts():
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [{k.split("/")[1]: v for k, v in r.items() if k.startswith("num_skipped/") and v}
+                for r in records if "loss" in r]
+
+    expected = [{"bad_image": 1, "missing_text": 1, "bad_json": 1},
+                {"bad_image": 2, "missing_text": 2, "bad_json": 2, "truncated": 3}]
+    assert counts() == expected
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     assert [e.value for e in events.Scalars("num_skipped/truncated")] == [0, 3]
+    drop_checkpoints_after(str(run_dir), 1)
+    train.main([*args, "--resume", "auto"])
+    assert counts() == expected  # the counts before the checkpoint are kept with it
 
 
 def test_validation_pattern_that_matches_nothing_fails_before_anything_is_written(shapes, tmp_path):

@@ -8,9 +8,10 @@ Notable choices:
   gradient sync but on the last; under DeepSpeed its engine accumulates), then clipping and one
   optimizer step. The LM loss is the mean over the target tokens of the whole step, on every
   process together (transformers' ``num_items_in_batch``), however they fall into micro-batches.
-- The data stream is a deterministic function of the seed, so resuming replays it to the
-  checkpoint's position (``step * grad_accum`` batches) and continues with the same batches,
-  the same RNG states, the same optimizer: losses after a resume equal an uninterrupted run's.
+- The data stream is a deterministic function of the seed, and a checkpoint keeps each process's
+  position in it (``SampleLoader.position``: per loader worker and source, a shard and a place
+  in it), so resuming reads on from there, one shard per source, with the same RNG states and
+  the same optimizer: losses after a resume equal an uninterrupted run's.
 - A run starts in an empty run folder (``train.overwrite`` empties it first) or resumes one with
   ``--resume``; it never mixes two runs' checkpoints, logs or tokenizers. After a resume,
   ``metrics.jsonl`` is cut back to the checkpoint's step (a line torn by the kill is dropped with
@@ -33,7 +34,7 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
@@ -64,6 +65,8 @@ class TrainerState:
     nonfinite_in_a_row: int = 0
     samples_seen: int = 0
     history: dict[str, Any] = field(default_factory=dict)
+    data_positions: list[dict[str, Any]] | None = None  # per process: its training stream's position
+    skipped: dict[str, int] = field(default_factory=dict)  # training samples skipped before, per reason
 
 
 def start_checkpoint(run_dir: str, resume: str | None, overwrite: bool) -> str | None:
@@ -222,27 +225,43 @@ class Trainer:
 
     # --- data ----------------------------------------------------------------------------
 
-    def _loader(self, sources, train: bool, batch_size: int, collate):
+    def _loader(self, sources, train: bool, batch_size: int, collate, position: dict[str, Any] | None = None):
         acc, data = self.accelerator, self.config.data
         return build_loader(
             [s.to_source() for s in sources], train=train, batch_size=batch_size, collate=collate,
             rank=acc.process_index, world_size=acc.num_processes, seed=self.config.train.seed,
-            shuffle_buffer=data.shuffle_buffer, num_workers=data.num_workers,
+            shuffle_buffer=data.shuffle_buffer, num_workers=data.num_workers, position=position,
         )
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Training batches from the checkpoint's data position on."""
+        acc, positions = self.accelerator, self.state.data_positions
+        if positions is not None and len(positions) != acc.num_processes:
+            raise ValueError(f"the checkpoint's data positions are for {len(positions)} processes, not "
+                             f"{acc.num_processes}: resume with as many processes")
+        if positions is None and self.state.step > 0:
+            logger.warning("the checkpoint holds no data position (written by an older vlmoe): "
+                           "the training data starts again from the beginning of the stream")
         self.train_loader = self._loader(self.config.data.train, True, self.config.data.batch_size,
-                                         TrainingCollate(self.processor))
-        return islice(iter(self.train_loader), self.state.step * self.config.train.grad_accum, None)
+                                         TrainingCollate(self.processor),
+                                         position=positions[acc.process_index] if positions else None)
+        return iter(self.train_loader)
 
     def _skipped(self) -> dict[str, int]:
         """Training samples the pipeline skipped so far, per reason, over every process (each
-        loader sums its workers' counts; the replay after a resume counts the skips before it)."""
+        loader sums its workers' counts), before the resume included."""
         stats = self.train_loader.stats.skipped
         counts = torch.tensor([stats[reason] for reason in SKIP_REASONS], device=self.accelerator.device)
         counts = self.accelerator.reduce(counts, reduction="sum")
-        return {f"num_skipped/{reason}": n for reason, n in zip(SKIP_REASONS, counts.tolist())}
+        return {f"num_skipped/{reason}": self.state.skipped.get(reason, 0) + n
+                for reason, n in zip(SKIP_REASONS, counts.tolist())}
+
+    def _save_checkpoint(self) -> None:
+        """Every process calls it: the data positions and skip counts are gathered first."""
+        state = {**vars(self.state), "data_positions": gather_object([self.train_loader.position]),
+                 "skipped": {k.split("/")[1]: n for k, n in self._skipped().items()}}
+        cfg = self.config.train
+        save_checkpoint(self.accelerator, self.run_dir, self.state.step, state, cfg.keep_checkpoints)
 
     # --- loop ----------------------------------------------------------------------------
 
@@ -278,7 +297,7 @@ class Trainer:
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 self._log(step, self.validate())
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save_checkpoint(acc, self.run_dir, step, vars(self.state), cfg.keep_checkpoints)
+                self._save_checkpoint()
         bar.close()
         self.export()
         acc.end_training()
