@@ -253,13 +253,12 @@ class Trainer:
         stats = self.train_loader.stats.skipped
         counts = torch.tensor([stats[reason] for reason in SKIP_REASONS], device=self.accelerator.device)
         counts = self.accelerator.reduce(counts, reduction="sum")
-        return {f"num_skipped/{reason}": self.state.skipped.get(reason, 0) + n
-                for reason, n in zip(SKIP_REASONS, counts.tolist())}
+        return {reason: self.state.skipped.get(reason, 0) + n for reason, n in zip(SKIP_REASONS, counts.tolist())}
 
     def _save_checkpoint(self) -> None:
         """Every process calls it: the data positions and skip counts are gathered first."""
         state = {**vars(self.state), "data_positions": gather_object([self.train_loader.position]),
-                 "skipped": {k.split("/")[1]: n for k, n in self._skipped().items()}}
+                 "skipped": self._skipped()}
         cfg = self.config.train
         save_checkpoint(self.accelerator, self.run_dir, self.state.step, state, cfg.keep_checkpoints)
 
@@ -288,7 +287,7 @@ class Trainer:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = time.perf_counter() - window_start
                 record = {**losses, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": window_samples / elapsed,
-                          **self._skipped()}
+                          **{f"num_skipped/{reason}": n for reason, n in self._skipped().items()}}
                 if step % cfg.stats_every == 0 and routing:
                     record.update(routing_scalars(routing))
                 self._log(step, record)
