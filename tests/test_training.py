@@ -461,10 +461,11 @@ def first_step_gradients(config) -> tuple[dict[str, float], list[torch.Tensor]]:
 
     trainer = Trainer(config)
     params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
-    grads = []
+    grads, real_step = [], trainer.optimizer.step
 
     def step(*args, **kwargs):
         grads.extend(torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params)
+        return real_step(*args, **kwargs)
 
     trainer.optimizer.step = step
     step_losses, _, _ = trainer._step(trainer._batches())
