@@ -56,7 +56,7 @@ data: $(DATA)/index.json
 # The main job: data, training, evaluation on the test split, the vision probe, a few captions,
 # and the summary beside the dense baseline's figures (docs/results/demo-dense: `make demo-dense`).
 demo: $(STAMP) $(DATA)/index.json
-	$(PY) train.py --config configs/tiny.yaml
+	$(PY) train.py --config configs/tiny.yaml train.overwrite=true
 	$(MAKE) evaluate RUN=$(RUN)
 	$(PY) -m vlmoe.caption --checkpoint $(RUN)/final $(DATA)/images
 	$(PY) -m vlmoe.evaluation.summary $(RUN)/final docs/results/demo-dense
@@ -64,7 +64,7 @@ demo: $(STAMP) $(DATA)/index.json
 
 # The dense baseline trained the same way; its figures are kept in docs/results/demo-dense.
 demo-dense: $(STAMP) $(DATA)/index.json
-	$(PY) train.py --config configs/tiny-dense.yaml
+	$(PY) train.py --config configs/tiny-dense.yaml train.overwrite=true
 	$(MAKE) evaluate RUN=runs/tiny-dense
 	mkdir -p docs/results/demo-dense
 	cd runs/tiny-dense/final && cp --parents eval_vqa/metrics.json eval_caption/metrics.json probe.json \

@@ -83,10 +83,11 @@ def run_one(variant: str, seed: int, steps: int, tag: str, threads: int, eval_li
     config, overrides = VARIANTS[variant]
     name = f"{tag}/{variant}-seed{seed}"
     run_dir = ROOT / "runs" / "study" / name
+    log = run_dir.parent / f"{run_dir.name}.log"  # beside the run folder: train.py starts in an empty one
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished earlier attempt
-    run_dir.mkdir(parents=True)
-    log = run_dir / "log.txt"
+    log.unlink(missing_ok=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     train_s = _run(
         [sys.executable, "train.py", "--config", config, *overrides, f"train.name={name}",
          "train.output_dir=runs/study", f"train.seed={seed}", f"train.steps={steps}", f"train.eval_every={steps}",

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlmoe.data import pipeline, resumable
 from vlmoe.data import (
     Batch,
     DataSource,
@@ -197,6 +198,28 @@ def test_archive_cut_inside_a_header_drops_the_sample_being_read(tmp_path: Path)
     assert keys == ["a"] and skipped == {"truncated": 1}  # b may have lost members: dropped as well
 
 
+@pytest.mark.parametrize("record", ["index", "img2dataset"])
+def test_a_damaged_shard_counts_every_sample_it_lost(tmp_path: Path, record: str) -> None:
+    """With the shard's sample count recorded (a prepare script's index.json, img2dataset's
+    NAME_stats.json), a truncated shard counts the samples it lost, an unreadable one all of them."""
+    (tmp_path / "shards").mkdir()
+    keys = [f"k{i}" for i in range(6)]
+    offsets = write_tar(tmp_path / "shards" / "s-0.tar", [m for key in keys for m in caption_members(key)])
+    raw = (tmp_path / "shards" / "s-0.tar").read_bytes()
+    (tmp_path / "shards" / "s-0.tar").write_bytes(raw[: offsets[4] + 100])  # inside the header of k2.png
+    (tmp_path / "shards" / "s-1.tar").write_bytes(bytes(range(256)) * 8)
+    if record == "index":
+        (tmp_path / "index.json").write_text(json.dumps(
+            {"caption/train": {"shards": {"shards/s-0.tar": 6, "shards/s-1.tar": 4}}}))
+    else:
+        for name, count in (("s-0", 6), ("s-1", 4)):
+            (tmp_path / "shards" / f"{name}_stats.json").write_text(json.dumps({"count": 7, "successes": count}))
+    batches = list(build_dataset(DataSource(str(tmp_path / "shards" / "s-{0..1}.tar"), "caption"), train=False,
+                                 batch_size=8))
+    loaded, skipped = keys_and_skips(batches)
+    assert loaded == ["k0"] and skipped == {"truncated": 5, "unreadable_shard": 4}  # k1 (being read) .. k5
+
+
 def test_truncated_gzip_shard_keeps_what_came_before(tmp_path: Path) -> None:
     keys = [f"k{i}" for i in range(20)]
     with tarfile.open(tmp_path / "s.tar.gz", "w:gz") as tar:
@@ -350,6 +373,52 @@ def test_transform_is_applied_per_sample(two_tasks: tuple[DataSource, DataSource
 
     batches = build_dataset(two_tasks[0], train=False, batch_size=10, transform=tag)
     assert all(s.meta == {"seen": True} for b in batches for s in b.data)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_training_stream_resumes_from_its_position_reading_one_shard_per_source(
+    tmp_path: Path, num_workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batches after a saved position equal the uninterrupted stream's, over shard and epoch
+    ends; resuming opens at most one shard per source before its first batch."""
+    for source in ("a", "b"):
+        for shard in range(3):
+            write_tar(tmp_path / f"{source}-{shard}.tar",
+                      [m for i in range(7) for m in caption_members(f"{source}{shard}_{i}")])
+    sources = [DataSource(str(tmp_path / "a-{0..2}.tar"), "caption", 2.0),
+               DataSource(str(tmp_path / "b-{0..2}.tar"), "caption")]
+
+    def loader(position=None):
+        return build_loader(sources, train=True, batch_size=3, shuffle_buffer=4, seed=5, num_workers=num_workers,
+                            position=position)
+
+    stream = iter(loader())
+    expected = [[s.key for s in next(stream)] for _ in range(40)]  # 120 samples: over 2 epochs of both
+    for stop in (1, 7, 13, 29):
+        interrupted = loader()
+        batches = iter(interrupted)
+        for _ in range(stop):
+            next(batches)
+        position = json.loads(json.dumps(interrupted.position))  # as a checkpoint keeps it
+        resumed = iter(loader(position))
+        assert [[s.key for s in next(resumed)] for _ in range(40 - stop)] == expected[stop:], stop
+
+    opened = []
+    real_read_shard = pipeline.read_shard  # counted in this process: without workers
+
+    def read_shard(url, fields=None):
+        opened.append(url)
+        return real_read_shard(url, fields)
+
+    monkeypatch.setattr(resumable, "read_shard", read_shard)
+    interrupted = build_loader(sources, train=True, batch_size=3, shuffle_buffer=4, seed=5)
+    batches = iter(interrupted)
+    for _ in range(29):
+        next(batches)
+    opened.clear()
+    next(iter(build_loader(sources, train=True, batch_size=3, shuffle_buffer=4, seed=5,
+                           position=interrupted.position)))
+    assert 1 <= len(opened) <= 2, opened
 
 
 def test_training_without_readable_data_raises(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -87,6 +88,86 @@ def test_kill_and_resume_matches_uninterrupted_run(shapes, tmp_path):
     assert len(complete_checkpoints(run_dir)) == 2
 
 
+def train_in_process(shapes: str, run_dir: str, name: str, *extra: str) -> dict:
+    return train.main(["--config", os.path.join(ROOT, "configs/tiny.yaml"), *overrides(shapes, run_dir, name, *extra)])
+
+
+def drop_checkpoints_after(run_dir: str, step: int) -> None:
+    """What a kill after ``step``'s checkpoint leaves: the later checkpoints and final/ never written."""
+    for path in complete_checkpoints(run_dir):
+        if int(os.path.basename(path).split("_")[1]) > step:
+            shutil.rmtree(path)
+    shutil.rmtree(os.path.join(run_dir, "final"))
+
+
+@pytest.mark.parametrize("extra", [[], ["data.num_workers=2"], ["train.grad_accum=2"]],
+                         ids=["jitter", "jitter-2-workers", "jitter-grad-accum-2"])
+def test_resume_is_exact_when_randomness_runs(shapes, tmp_path, extra):
+    """Router jitter draws from the global torch RNG, which the checkpoint restores; nothing else
+    (the DataLoader starting its iterator) may draw from it, or every step after a resume differs."""
+    steps = ["train.steps=6", "train.checkpoint_every=3", "model.moe.jitter_noise=0.1", *extra]
+    run_dir, expected = interrupted_run(shapes, tmp_path, *steps)
+    train_in_process(shapes, str(tmp_path), "run", *steps, "--resume", "auto")
+    assert losses(run_dir) == expected  # every step, bit for bit
+
+
+def interrupted_run(shapes: str, tmp_path, *steps: str) -> tuple[str, dict[int, float]]:
+    """A 6-step run killed after its step-3 checkpoint, having logged steps 4-6; and its losses."""
+    run_dir = str(tmp_path / "run")
+    train_in_process(shapes, str(tmp_path), "run", "train.steps=6", "train.checkpoint_every=3", *steps)
+    expected = losses(run_dir)
+    drop_checkpoints_after(run_dir, 3)
+    return run_dir, expected
+
+
+def test_resume_repairs_a_torn_metrics_line(shapes, tmp_path, caplog):
+    run_dir, expected = interrupted_run(shapes, tmp_path)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 7, "loss": 5.0')  # the kill came in the middle of a write
+    train_in_process(shapes, str(tmp_path), "run", "train.steps=6", "train.checkpoint_every=3", "--resume", "auto")
+    assert losses(run_dir) == expected
+    assert "torn last line" in caplog.text
+
+
+def test_tensorboard_holds_each_step_once_after_a_resume(shapes, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, expected = interrupted_run(shapes, tmp_path)
+    train_in_process(shapes, str(tmp_path), "run", "train.steps=6", "train.checkpoint_every=3", "--resume", "auto")
+    events = EventAccumulator(os.path.join(run_dir, "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [step for step, _ in logged] == sorted(expected)
+    assert [value for _, value in logged] == pytest.approx([expected[step] for step in sorted(expected)])
+
+
+def test_resume_without_a_checkpoint_names_the_run_folder(shapes, tmp_path):
+    run_dir = str(tmp_path / "fresh")
+    with pytest.raises(ValueError, match=re.escape(run_dir) + ".*no complete checkpoint"):
+        train_in_process(shapes, str(tmp_path), "fresh", "train.steps=2", "--resume", "auto")
+    missing = str(tmp_path / "elsewhere" / "step_00000003")
+    with pytest.raises(ValueError, match=re.escape(missing) + ": not a complete checkpoint"):
+        train_in_process(shapes, str(tmp_path), "fresh", "train.steps=2", "--resume", missing)
+
+
+def test_a_run_folder_holds_one_run(shapes, tmp_path):
+    """Re-running a run's name without --resume is refused before anything is written; resuming
+    with other tokenizer settings is refused; train.overwrite=true starts afresh in an emptied folder."""
+    run_dir = tmp_path / "run"
+    train_in_process(shapes, str(tmp_path), "run", "train.steps=2", "train.checkpoint_every=1")
+    written = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    with pytest.raises(ValueError, match=re.escape(f"run folder {run_dir} is not empty") + ".*--resume.*train.overwrite"):
+        train_in_process(shapes, str(tmp_path), "run", "train.steps=2")
+    with pytest.raises(ValueError, match=r"model.tokenizer.vocab_size=280 \(trained with 300\)"):
+        train_in_process(shapes, str(tmp_path), "run", "train.steps=4", "model.tokenizer.vocab_size=280", "--resume", "auto")
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == written
+    train_in_process(shapes, str(tmp_path), "run", "train.steps=1", "model.tokenizer.vocab_size=280",
+                     "train.overwrite=true")
+    assert not (run_dir / "checkpoints").exists() and set(losses(str(run_dir))) == {1}
+    with open(run_dir / "tokenizer" / "trained_with.json") as f:
+        assert json.load(f)["vocab_size"] == 280
+
+
 def test_two_processes_match_one_process(shapes, tmp_path):
     steps = ["train.steps=6", "optim.lr=1e-3"]
     single = run_script(overrides(shapes, str(tmp_path), "single", *steps, "data.batch_size=8"))
@@ -100,6 +181,22 @@ def test_two_processes_match_one_process(shapes, tmp_path):
     assert abs(two[1] - one[1]) / one[1] < 0.05
     mean_one, mean_two = sum(one.values()) / 6, sum(two.values()) / 6
     assert abs(mean_two - mean_one) / mean_one < 0.10
+
+
+def test_resume_is_exact_on_two_processes(shapes, tmp_path):
+    """torchrun, 2 processes with a loader worker each, router jitter and gradient accumulation:
+    each process resumes from its own data position and RNG state."""
+    steps = ["train.steps=6", "train.checkpoint_every=3", "train.grad_accum=2", "model.moe.jitter_noise=0.1",
+             "data.num_workers=1"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29535"]
+    first = run_script(overrides(shapes, str(tmp_path), "run", *steps), launcher)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
+    run_dir = str(tmp_path / "run")
+    expected = losses(run_dir)
+    drop_checkpoints_after(run_dir, 3)
+    resumed = run_script(overrides(shapes, str(tmp_path), "run", *steps) + ["--resume", "auto"], launcher)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    assert losses(run_dir) == expected
 
 
 def test_deepspeed_zero2_matches_plain_run_and_resumes(shapes, tmp_path):
@@ -226,6 +323,58 @@ def test_training_on_empty_shards_names_the_pattern(tokenizer, tmp_path):
     assert not (tmp_path / "empty" / "final").exists()
 
 
+def damaged_caption_shard(folder) -> str:
+    """One caption shard of 10 samples (index.json says so): an undecodable image, a missing
+    caption, bad JSON, 4 good samples, then a cut inside the header of the 9th sample's image."""
+    from PIL import Image
+
+    image = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image, format="PNG")
+    good = lambda key: [(f"{key}.png", image.getvalue()), (f"{key}.txt", b"a red square")]  # noqa: E731
+    members = [("k1.png", b"\x89PNG garbage"), ("k1.txt", b"x"), ("k2.png", image.getvalue()), ("k2.json", b"{}"),
+               *good("k3"), ("k3.json", b"[1, 2"), *[m for i in range(4, 11) for m in good(f"k{i}")]]
+    os.makedirs(folder / "caption")
+    with tarfile.open(folder / "caption" / "train-0.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            if name == "k9.png":
+                cut = tar.offset + 100
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = (folder / "caption" / "train-0.tar").read_bytes()
+    (folder / "caption" / "train-0.tar").write_bytes(raw[:cut])
+    (folder / "index.json").write_text(json.dumps({"caption/train": {"shards": {"caption/train-0.tar": 10}}}))
+    return str(folder / "caption" / "train-0.tar")
+
+
+def test_training_logs_skipped_samples_by_reason(tmp_path):
+    """Step 1's batch (k4-k7) comes after 3 bad samples; step 2's after the truncation (k8 being
+    read, k9 and k10 lost) and the next pass's 3 bad samples."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pattern = damaged_caption_shard(tmp_path / "shards")
+    args = ["--config", os.path.join(ROOT, "configs/tiny.yaml"), *TINY_MODEL,
+            f"data.train=[{{pattern: '{pattern}', task: caption}}]", "data.val=[]", "data.shuffle_buffer=1",
+            f"train.output_dir={tmp_path}", "train.name=skips", "train.steps=2", "train.checkpoint_every=1"]
+    train.main(args)
+    run_dir = tmp_path / "skips"
+
+    def counts():
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [{k.split("/")[1]: v for k, v in r.items() if k.startswith("num_skipped/") and v}
+                for r in records if "loss" in r]
+
+    expected = [{"bad_image": 1, "missing_text": 1, "bad_json": 1},
+                {"bad_image": 2, "missing_text": 2, "bad_json": 2, "truncated": 3}]
+    assert counts() == expected
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("num_skipped/truncated")] == [0, 3]
+    drop_checkpoints_after(str(run_dir), 1)
+    train.main([*args, "--resume", "auto"])
+    assert counts() == expected  # the counts before the checkpoint are kept with it
+
+
 def test_validation_pattern_that_matches_nothing_fails_before_anything_is_written(shapes, tmp_path):
     args = overrides(shapes, str(tmp_path), "typo", "train.steps=4", "train.eval_every=2",
                      f"data.val=[{{pattern: '{shapes}/vqa/vall-*.tar', task: vqa}}]")
@@ -304,6 +453,43 @@ def test_nonfinite_losses_skip_steps_then_stop(shapes, tmp_path, monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[2]))  # good steps did
     run_dir = str(tmp_path / "nan")
     assert os.path.basename(latest_checkpoint(run_dir)) == "step_00000004"
+
+
+def first_step_gradients(config) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """The logged losses and the gradients the optimizer sees at a run's first step."""
+    from vlmoe.training.trainer import Trainer
+
+    trainer = Trainer(config)
+    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    grads, real_step = [], trainer.optimizer.step
+
+    def step(*args, **kwargs):
+        grads.extend(torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params)
+        return real_step(*args, **kwargs)
+
+    trainer.optimizer.step = step
+    step_losses, _, _ = trainer._step(trainer._batches())
+    return step_losses, grads
+
+
+def test_gradient_accumulation_normalises_by_the_target_tokens_of_the_whole_step(shapes, tmp_path):
+    """Two micro-batches of 16 give the gradient of one batch of the same 32 samples: the LM loss
+    is a mean over the step's target tokens, not a mean of per-micro-batch means (captions and
+    answers differ in length). Off here: what depends on the micro-batch as a whole (aux and
+    z-losses, per-micro-batch means; the convolutional stem's BatchNorm statistics)."""
+    common = ["model.moe.aux_loss_weight=0", "model.moe.z_loss_weight=0", "train.clip_grad_norm=0",
+              "model.vision.conv_stem=null", "model.vision.patch_size=8"]
+    results = {}
+    for grad_accum, batch_size in ((1, 32), (2, 16)):
+        name = f"accum{grad_accum}"
+        config = load_config(os.path.join(ROOT, "configs/tiny.yaml"), overrides(
+            shapes, str(tmp_path), name, *common, f"train.grad_accum={grad_accum}", f"data.batch_size={batch_size}"))
+        results[name] = first_step_gradients(config)
+    (one_losses, one_grads), (two_losses, two_grads) = results["accum1"], results["accum2"]
+    assert two_losses["lm_loss"] == pytest.approx(one_losses["lm_loss"], rel=1e-5)
+    assert any(g.abs().sum() > 0 for g in one_grads)
+    for one, two in zip(one_grads, two_grads):
+        torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-7)
 
 
 def test_bf16_autocast_with_gradient_accumulation(shapes, tmp_path):

@@ -2,23 +2,26 @@
 
 ``build_dataset`` assembles one list of stages, as open_clip's ``get_wds_dataset`` does::
 
-    per source:  shards -> shuffle shards (train) -> split by rank and worker -> read tar samples
-                 -> split samples (only when there are fewer shards than ranks x workers)
-                 -> shuffle samples (train)
-    mix sources by weight (train) or chain them (eval)
+    train:  ``resumable.ResumableMix`` (per source: shuffled shards -> split by rank and worker
+            -> read -> shuffle buffer; sources mixed by weight)
+    eval:   per source: shards -> split by rank and worker -> read tar samples
+            -> split samples (only when there are fewer shards than ranks x workers); chained
     -> decode + to Sample -> transform (optional) -> batch + collate
 
 Notable choices:
 - Training repeats every source forever (an "epoch" re-shuffles that source's shards with a
-  seed shared by all ranks, so in one epoch each shard is read by one consumer) and mixes the
-  sources sample by sample with probabilities proportional to ``DataSource.weight``.
+  seed shared by all ranks, so in one epoch each shard is read by one consumer), shuffles each
+  shard's samples through a buffer, and mixes the sources sample by sample with probabilities
+  proportional to ``DataSource.weight``. Its batches carry the stream's position, which
+  ``SampleLoader.position`` keeps and ``build_loader(position=...)`` resumes from (``resumable``).
 - Evaluation reads every sample exactly once across ranks (``rank``/``world_size`` are explicit:
   pass Accelerate's ``process_index``/``num_processes``) and DataLoader workers. With at least
   ranks x workers shards, shards are dealt round-robin; with fewer, every consumer reads every
   shard and keeps the samples whose position modulo ranks x workers is its own. Ranks may get
   different numbers of batches: gather results once at the end, not per batch.
 - All randomness comes from ``random.Random`` objects seeded from ``seed``, the source, the
-  rank and the worker, created when iteration starts; nothing reads or sets global RNG state.
+  rank and the worker, created when iteration starts; nothing reads or sets global RNG state
+  (the DataLoader draws its workers' base seed from a generator of its own).
 - Skips: bad samples and unreadable shards travel down the stream as ``reader.Skipped`` records
   and are counted by the batching stage, which logs a warning naming shard and key. Every
   ``Batch`` carries the skip counts met since the previous batch (a last ``Batch`` with
@@ -29,9 +32,9 @@ Notable choices:
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -40,8 +43,10 @@ import torch.utils.data
 import webdataset as wds
 
 from .reader import Skipped, read_shard
+from .resumable import ResumableMix, StreamPosition, TrainSource
 from .sample import TASKS, BadSample, Sample, parse_sample
 from .shards import expand_shards
+from .split import current_worker, split_for
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +83,14 @@ class Batch(NamedTuple):
             ``size`` is 0 (a batch that only carries skip counts).
         size: number of samples in the batch.
         skipped: skip counts by reason (``sample.SKIP_REASONS``) met since the previous batch.
+        position: the training stream's position just after this batch (``StreamPosition.snapshot``);
+            None when evaluating.
     """
 
     data: Any
     size: int
     skipped: dict[str, int]
+    position: dict[str, Any] | None = None
 
 
 @dataclass
@@ -103,53 +111,23 @@ class LoaderStats:
         self.skipped.update(batch.skipped)
 
 
-@dataclass(frozen=True)
-class Split:
-    """Which shards and which samples of a source one consumer (rank x worker) reads."""
-
-    shard_offset: int
-    shard_stride: int
-    sample_offset: int
-    sample_stride: int
-
-
-def split_for(num_shards: int, rank: int, world_size: int, worker: int, num_workers: int) -> Split:
-    """Deal shards round-robin over ranks x workers, or samples when shards are too few."""
-    consumers = world_size * num_workers
-    consumer = rank * num_workers + worker
-    if num_shards >= consumers:
-        return Split(consumer, consumers, 0, 1)
-    return Split(0, 1, consumer, consumers)
-
-
-def _worker() -> tuple[int, int]:
-    info = torch.utils.data.get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
-
-
 # ---------------------------------------------------------------------------------------------
 # Stages. Small callables (not closures) so that the pipeline pickles into worker processes.
 
 
 @dataclass(frozen=True)
 class ShardList:
-    """First stage of a source: its shards for this consumer, shuffled and repeated if training."""
+    """First stage of an evaluation source: its shards for this consumer."""
 
     urls: tuple[str, ...]
     task: str
     rank: int
     world_size: int
-    seed: str
-    train: bool
 
     def __call__(self) -> Iterator[dict[str, Any]]:
-        split = split_for(len(self.urls), self.rank, self.world_size, *_worker())
-        for epoch in itertools.count() if self.train else (0,):
-            urls = list(self.urls)
-            if self.train:
-                random.Random(f"{self.seed}/shards/{epoch}").shuffle(urls)  # same order on every consumer
-            for url in urls[split.shard_offset :: split.shard_stride]:
-                yield {"url": url, "__task__": self.task, "__epoch__": epoch}
+        split = split_for(len(self.urls), self.rank, self.world_size, *current_worker())
+        for url in self.urls[split.shard_offset :: split.shard_stride]:
+            yield {"url": url, "__task__": self.task}
 
 
 @dataclass(frozen=True)
@@ -161,7 +139,7 @@ class SplitSamples:
     world_size: int
 
     def __call__(self, src: Iterable[Any]) -> Iterator[Any]:
-        split = split_for(self.num_shards, self.rank, self.world_size, *_worker())
+        split = split_for(self.num_shards, self.rank, self.world_size, *current_worker())
         if split.sample_stride == 1:
             yield from src
             return
@@ -169,65 +147,10 @@ class SplitSamples:
         yield from itertools.islice(src, split.sample_offset, None, split.sample_stride)
 
 
-@dataclass(frozen=True)
-class ReadShards:
-    """Shard descriptions -> raw samples and ``Skipped`` records (``reader.read_shard``).
-
-    With ``require_data`` (training, where the shard list repeats forever) a whole pass over this
-    consumer's shards that gives no sample at all raises, naming the source's ``pattern``, instead
-    of looping without end.
-    """
-
-    require_data: bool
-    pattern: str | Sequence[str] = ""
-
-    def __call__(self, shards: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any] | Skipped]:
-        epoch, found, first = None, True, ""
-        for shard in shards:
-            if shard["__epoch__"] != epoch:
-                if self.require_data and not found:
-                    raise RuntimeError(f"shard pattern {self.pattern!r}: a whole pass over this process's shards "
-                                       f"({first}, ...) gave no readable sample")
-                epoch, found, first = shard["__epoch__"], False, shard["url"]
-            for item in read_shard(shard["url"], {"__task__": shard["__task__"]}):
-                found = found or not isinstance(item, Skipped)
-                yield item
-
-
-@dataclass(frozen=True)
-class Shuffle:
-    """A shuffle buffer whose RNG is seeded per consumer when iteration starts."""
-
-    bufsize: int
-    seed: str
-    rank: int
-
-    def __call__(self, src: Iterable[Any]) -> Iterator[Any]:
-        worker, _ = _worker()
-        rng = random.Random(f"{self.seed}/samples/{self.rank}/{worker}")
-        return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(iter(src))
-
-
-@dataclass(frozen=True)
-class WeightedMix:
-    """Training head: draw each next item from a source chosen with probability ~ weight."""
-
-    sources: tuple[wds.DataPipeline, ...]
-    weights: tuple[float, ...]
-    seed: int
-    rank: int
-
-    def __call__(self) -> Iterator[Any]:
-        worker, _ = _worker()
-        rng = random.Random(f"{self.seed}/mix/{self.rank}/{worker}")
-        streams = [iter(source) for source in self.sources]
-        choices = range(len(streams))
-        while True:
-            stream = streams[rng.choices(choices, self.weights)[0]]
-            try:
-                yield next(stream)
-            except StopIteration:
-                return
+def read_shards(shards: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any] | Skipped]:
+    """Shard descriptions -> raw samples and ``Skipped`` records (``reader.read_shard``)."""
+    for shard in shards:
+        yield from read_shard(shard["url"], {"__task__": shard["__task__"]})
 
 
 @dataclass(frozen=True)
@@ -242,9 +165,10 @@ class Chain:
 
 
 def to_samples(src: Iterable[dict[str, Any] | Skipped]) -> Iterator[Sample | Skipped]:
-    """Decode raw samples into ``Sample``; one that fails becomes a ``Skipped`` in its place."""
+    """Decode raw samples into ``Sample``; one that fails becomes a ``Skipped`` in its place
+    (skip records and the stream's position pass through)."""
     for raw in src:
-        if isinstance(raw, Skipped):
+        if not isinstance(raw, dict):
             yield raw
             continue
         try:
@@ -255,18 +179,19 @@ def to_samples(src: Iterable[dict[str, Any] | Skipped]) -> Iterator[Sample | Ski
 
 @dataclass(frozen=True)
 class MapSamples:
-    """Apply a per-sample transform (skip records pass through)."""
+    """Apply a per-sample transform (skip records and the stream's position pass through)."""
 
     transform: Transform
 
     def __call__(self, src: Iterable[Sample | Skipped]) -> Iterator[Sample | Skipped]:
         for item in src:
-            yield item if isinstance(item, Skipped) else self.transform(item)
+            yield self.transform(item) if isinstance(item, Sample) else item
 
 
 @dataclass(frozen=True)
 class Batcher:
-    """Group samples into ``Batch``es, counting and logging the ``Skipped`` records in between."""
+    """Group samples into ``Batch``es, counting and logging the ``Skipped`` records in between,
+    with the training stream's position after each batch."""
 
     batch_size: int
     collate: Collate | None
@@ -275,24 +200,28 @@ class Batcher:
     def __call__(self, src: Iterable[Sample | Skipped]) -> Iterator[Batch]:
         samples: list[Sample] = []
         skipped: Counter[str] = Counter()
+        position: StreamPosition | None = None
         for item in src:
+            if isinstance(item, StreamPosition):
+                position = item
+                continue
             if isinstance(item, Skipped):
                 logger.warning(item.describe())
-                skipped[item.reason] += 1
+                skipped[item.reason] += item.count
                 continue
             samples.append(item)
             if len(samples) == self.batch_size:
-                yield self._batch(samples, skipped)
+                yield self._batch(samples, skipped, position)
                 samples, skipped = [], Counter()
         if samples and not self.drop_last:
-            yield self._batch(samples, skipped)
+            yield self._batch(samples, skipped, None)
             skipped = Counter()
         if skipped:
             yield Batch(None, 0, dict(skipped))
 
-    def _batch(self, samples: list[Sample], skipped: Counter[str]) -> Batch:
+    def _batch(self, samples: list[Sample], skipped: Counter[str], position: StreamPosition | None) -> Batch:
         data = samples if self.collate is None else self.collate(samples)
-        return Batch(data, len(samples), dict(skipped))
+        return Batch(data, len(samples), dict(skipped), position.snapshot() if position else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +255,7 @@ def build_dataset(
     seed: int = 0,
     shuffle_buffer: int = 1000,
     drop_last: bool | None = None,
+    position: dict[str, Any] | None = None,
 ) -> wds.DataPipeline:
     """The pipeline of ``Batch``es over ``sources`` (see the module docstring).
 
@@ -342,28 +272,26 @@ def build_dataset(
         seed: seeds shard order, sample shuffling and mixing.
         shuffle_buffer: samples held in each source's shuffle buffer (training only).
         drop_last: drop a last incomplete batch; defaults to ``train``.
+        position: where a training stream resumes: a ``SampleLoader.position`` of the same
+            sources, seed, rank and world size; None starts at the beginning.
 
     Raises:
         ValueError: a bad argument, or a pattern that matches no file (named), before any read.
     """
     sources = [sources] if isinstance(sources, DataSource) else list(sources)
     _check_args(sources, batch_size, rank, world_size, shuffle_buffer)
-    pipelines = []
-    for index, source in enumerate(sources):
-        urls = tuple(expand_shards(source.pattern))
-        source_seed = f"{seed}/{index}"
-        pipelines.append(
-            wds.DataPipeline(
-                ShardList(urls, source.task, rank, world_size, source_seed, train),
-                ReadShards(require_data=train, pattern=source.pattern),
-                SplitSamples(len(urls), rank, world_size),
-                Shuffle(shuffle_buffer, source_seed, rank) if train else None,
-            )
-        )
+    shards = [tuple(expand_shards(source.pattern)) for source in sources]
     if train:
-        head: WeightedMix | Chain = WeightedMix(tuple(pipelines), tuple(s.weight for s in sources), seed, rank)
+        head: ResumableMix | Chain = ResumableMix(
+            tuple(TrainSource(urls, s.task, f"{seed}/{i}", s.pattern, shuffle_buffer)
+                  for i, (s, urls) in enumerate(zip(sources, shards))),
+            tuple(s.weight for s in sources), seed, rank, world_size, position,
+        )
     else:
-        head = Chain(tuple(pipelines))
+        head = Chain(tuple(
+            wds.DataPipeline(ShardList(urls, s.task, rank, world_size), read_shards, SplitSamples(len(urls), rank, world_size))
+            for s, urls in zip(sources, shards)
+        ))
     return wds.DataPipeline(
         head,
         to_samples,
@@ -381,17 +309,24 @@ class SampleLoader(torch.utils.data.DataLoader):
     """A DataLoader over a ``build_dataset`` pipeline that yields ``Batch.data`` only.
 
     The skip counts the batches carry (from any worker process) are summed in ``stats``,
-    which is reset when a new pass (``iter(loader)``) starts.
+    which is reset when a new pass (``iter(loader)``) starts. A training stream's ``position``
+    after the batches delivered so far (each worker's latest) is what a checkpoint keeps.
     """
 
-    def __init__(self, dataset: wds.DataPipeline, **kwargs: Any) -> None:
+    def __init__(self, dataset: wds.DataPipeline, start: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(dataset, batch_size=None, collate_fn=_keep, **kwargs)
         self.stats = LoaderStats()
+        self.start = start or {"batches": 0, "num_workers": self.num_workers, "workers": {}}
+        self.position = copy.deepcopy(self.start)
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         self.stats = LoaderStats()
+        self.position = copy.deepcopy(self.start)
         for batch in super().__iter__():
             self.stats.add(batch)
+            if batch.position is not None:
+                self.position["batches"] += 1
+                self.position["workers"][str(batch.position["worker"])] = batch.position
             if batch.size:
                 yield batch.data
 
@@ -411,6 +346,7 @@ def build_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     persistent_workers: bool = False,
+    position: dict[str, Any] | None = None,
 ) -> SampleLoader:
     """A ``SampleLoader`` (a torch DataLoader) over ``build_dataset(...)``; same arguments, plus
     the DataLoader's ``num_workers``, ``pin_memory`` and ``persistent_workers``.
@@ -419,6 +355,9 @@ def build_loader(
     """
     if num_workers < 0:
         raise ValueError(f"num_workers={num_workers} must be >= 0")
+    if position is not None and position["num_workers"] != num_workers:
+        raise ValueError(f"the stream position was saved with num_workers={position['num_workers']}, "
+                         f"not {num_workers}: resume with the same number of loader workers")
     dataset = build_dataset(
         sources,
         train=train,
@@ -430,10 +369,15 @@ def build_loader(
         seed=seed,
         shuffle_buffer=shuffle_buffer,
         drop_last=drop_last,
+        position=position,
     )
     return SampleLoader(
         dataset,
+        position,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
+        # A DataLoader draws a seed when an iterator starts; from the global RNG that draw would
+        # shift every later random op (router jitter, dropout), and differently after a resume.
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -9,9 +9,11 @@ Notable choices:
   call: ViT tokens are modality 0; decoder positions are 0 at image placeholders, 1 elsewhere,
   and ``PADDING`` where the attention mask is 0, so padding reaches no expert, loss or statistic.
 - The loss is assembled in one place, ``_losses``: LM loss on target tokens (labels -100
-  elsewhere), plus the load-balancing and z-losses averaged over MoE calls and weighted by
-  ``config.moe``, and the optional words loss (``config.words_loss_weight``); each term is also
-  returned on its own, with per-layer routing statistics.
+  elsewhere; their mean, or their sum over ``num_items_in_batch`` as transformers' models take
+  it, so that a trainer gets the mean over the target tokens of a whole optimizer step), plus
+  the load-balancing and z-losses averaged over MoE calls and weighted by ``config.moe``, and the
+  optional words loss (``config.words_loss_weight``); each term is also returned on its own,
+  with per-layer routing statistics.
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         inputs_embeds: Tensor | None = None,
         labels: Tensor | None = None,
         logits_to_keep: int | Tensor = 0,
+        num_items_in_batch: Tensor | float | None = None,
         **kwargs,
     ) -> VLMoEOutput:
         if input_ids is None:
@@ -168,7 +171,7 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
                 logits_to_keep=logits_to_keep, **kwargs,  # the KV cache and use_cache, by whichever name
             )
         routing = self._routing(vision_records, decoder_records)
-        losses = self._losses(out.logits, labels, routing, image_embeds, pixel_values)
+        losses = self._losses(out.logits, labels, routing, image_embeds, pixel_values, num_items_in_batch)
         return VLMoEOutput(**out, routing=routing, **losses)
 
     def _merge_image_embeds(self, inputs_embeds: Tensor, image_embeds: Tensor, is_image: Tensor) -> Tensor:
@@ -197,6 +200,7 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         routing: list[RoutingRecord],
         image_embeds: Tensor | None,
         pixel_values: Tensor | None,
+        num_items_in_batch: Tensor | float | None = None,
     ) -> dict[str, Tensor | None]:
         if labels is None:  # generation: no loss terms (and no router statistics computed)
             return dict.fromkeys(("loss", "lm_loss", "aux_loss", "z_loss", "words_loss", "pixel_loss"))
@@ -206,8 +210,11 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
             aux = moe.aux_loss_weight * torch.stack([r.output.load_balance_loss for r in routing]).mean()
             z = moe.z_loss_weight * torch.stack([r.output.z_loss for r in routing]).mean()
         lm = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100,
+            reduction="mean" if num_items_in_batch is None else "sum",
         )
+        if num_items_in_batch is not None:
+            lm = lm / num_items_in_batch
         loss = lm if aux is None else lm + aux + z
         words = None
         if self.config.words_loss_weight and image_embeds is not None:

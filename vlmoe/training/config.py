@@ -148,6 +148,8 @@ class TrainConfig:
         how many validation samples per task.
     checkpoint_every / keep_checkpoints: Accelerate state every N steps, the last K kept.
     max_nonfinite: consecutive non-finite losses tolerated (each skips its step) before stopping.
+    overwrite: start afresh in a run folder that is not empty, deleting what it holds (without
+        it, a fresh run refuses such a folder; ``--resume`` continues the run in it).
     """
 
     name: str = "run"
@@ -165,6 +167,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     max_nonfinite: int = 5
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:

@@ -6,10 +6,16 @@ Notable choices:
   itself, so the loader is not passed to ``accelerator.prepare``.
 - Gradient accumulation: ``grad_accum`` micro-batches under ``accelerator.accumulate`` (no
   gradient sync but on the last; under DeepSpeed its engine accumulates), then clipping and one
-  optimizer step.
-- The data stream is a deterministic function of the seed, so resuming replays it to the
-  checkpoint's position (``step * grad_accum`` batches) and continues with the same batches,
-  the same RNG states, the same optimizer: losses after a resume equal an uninterrupted run's.
+  optimizer step. The LM loss is the mean over the target tokens of the whole step, on every
+  process together (transformers' ``num_items_in_batch``), however they fall into micro-batches.
+- The data stream is a deterministic function of the seed, and a checkpoint keeps each process's
+  position in it (``SampleLoader.position``: per loader worker and source, a shard and a place
+  in it), so resuming reads on from there, one shard per source, with the same RNG states and
+  the same optimizer: losses after a resume equal an uninterrupted run's.
+- A run starts in an empty run folder (``train.overwrite`` empties it first) or resumes one with
+  ``--resume``; it never mixes two runs' checkpoints, logs or tokenizers. After a resume,
+  ``metrics.jsonl`` is cut back to the checkpoint's step (a line torn by the kill is dropped with
+  a warning) and TensorBoard hides the steps logged after the checkpoint (``purge_step``).
 - A non-finite loss on any process skips the whole step on every process (no update); more
   than ``max_nonfinite`` in a row stop the run, leaving the last good checkpoint as it was.
 """
@@ -20,29 +26,31 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from ..data import build_dataset, build_loader, expand_shards
+from ..data import SKIP_REASONS, build_dataset, build_loader, expand_shards
 from ..evaluation.vqa_metrics import vqa_exact_match
 from ..model.modeling import RoutingRecord
 from ..processing import build_model, train_tokenizer
 from ..tasks import GenerationCollate, TrainingCollate, generate_from_batch
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import TRAINER_STATE, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, config_to_yaml
 from .optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 MODALITY_NAMES = ("image", "text")
 LOSS_TERMS = ("loss", "lm_loss", "aux_loss", "z_loss", "words_loss", "pixel_loss")
+TOKENIZER_SETTINGS = "trained_with.json"  # in the run's tokenizer folder: the model.tokenizer it was trained with
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,10 +65,35 @@ class TrainerState:
     nonfinite_in_a_row: int = 0
     samples_seen: int = 0
     history: dict[str, Any] = field(default_factory=dict)
+    data_positions: list[dict[str, Any]] | None = None  # per process: its training stream's position
+    skipped: dict[str, int] = field(default_factory=dict)  # training samples skipped before, per reason
+
+
+def start_checkpoint(run_dir: str, resume: str | None, overwrite: bool) -> str | None:
+    """The checkpoint a run starts from (None: a fresh run), checked before anything is written.
+
+    A fresh run needs an empty (or absent) run folder, or ``overwrite``; resuming needs a
+    complete checkpoint. Either way two runs are never mixed in one folder.
+    """
+    if resume is not None and overwrite:
+        raise ValueError(f"--resume {resume} and train.overwrite=true: resume the run in {run_dir}, or start it afresh")
+    if resume is None:
+        if not overwrite and os.path.isdir(run_dir) and os.listdir(run_dir):
+            raise ValueError(f"run folder {run_dir} is not empty: continue its run with --resume auto, start it "
+                             "afresh with train.overwrite=true (deletes the folder), or choose another train.name")
+        return None
+    path = latest_checkpoint(run_dir) if resume == "auto" else resume
+    if path is None:
+        raise ValueError(f"--resume auto: the run folder {run_dir} holds no complete checkpoint yet "
+                         "(checkpoints/step_N); start the run afresh with train.overwrite=true")
+    if not os.path.isfile(os.path.join(path, TRAINER_STATE)):
+        raise ValueError(f"--resume {path}: not a complete checkpoint (no {TRAINER_STATE} in it)")
+    return path
 
 
 def run_tokenizer(config: Config, accelerator: Accelerator, run_dir: str):
-    """The tokenizer of this run: the pretrained decoder's, a given one, or trained once and saved."""
+    """The tokenizer of this run: the pretrained decoder's, a given one, or trained once and saved
+    (with the settings it was trained with, which a resumed run's config must repeat)."""
     model_cfg = config.model
     if model_cfg.decoder.pretrained_path is not None:
         return None  # build_model takes the decoder's own
@@ -75,8 +108,26 @@ def run_tokenizer(config: Config, accelerator: Accelerator, run_dir: str):
                              "logged above); there is nothing to train the tokenizer or the model on")
         tokenizer = train_tokenizer(texts, vocab_size=model_cfg.tokenizer.vocab_size)
         tokenizer.save_pretrained(saved)
+        with open(os.path.join(saved, TOKENIZER_SETTINGS), "w") as f:
+            json.dump(asdict(model_cfg.tokenizer), f)
     accelerator.wait_for_everyone()
+    check_tokenizer_settings(saved, asdict(model_cfg.tokenizer))
     return AutoTokenizer.from_pretrained(saved, local_files_only=True)
+
+
+def check_tokenizer_settings(saved: str, settings: dict[str, Any]) -> None:
+    """A saved tokenizer is reused only with the settings it was trained with."""
+    path = os.path.join(saved, TOKENIZER_SETTINGS)
+    if not os.path.isfile(path):  # a run from before the settings were recorded
+        logger.warning("%s does not say what it was trained with; reusing it as it is", saved)
+        return
+    with open(path) as f:
+        trained_with = json.load(f)
+    differ = [f"model.tokenizer.{k}={settings.get(k)!r} (trained with {v!r})" for k, v in trained_with.items()
+              if settings.get(k) != v]
+    if differ:
+        raise ValueError(f"{saved} was trained with other settings than the config's: {', '.join(differ)}; "
+                         "resume with the run's own settings, or start afresh with train.overwrite=true")
 
 
 def check_data_patterns(config: Config) -> None:
@@ -124,11 +175,15 @@ def routing_scalars(routing: list[RoutingRecord]) -> dict[str, float]:
 
 
 class Trainer:
-    def __init__(self, config: Config):
+    """Builds a run from ``config``, fresh or resumed from ``resume`` (``"auto"``: the run's latest
+    complete checkpoint, or a checkpoint folder); ``fit`` trains it."""
+
+    def __init__(self, config: Config, resume: str | None = None):
         self.config = config
         train = config.train
         self.run_dir = train.run_dir
         check_data_patterns(config)
+        checkpoint = start_checkpoint(self.run_dir, resume, train.overwrite)
         moe_loop = config.model.moe.implementation == "loop"  # the loop leaves unrouted experts without grads
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         self.accelerator = Accelerator(
@@ -146,17 +201,23 @@ class Trainer:
         if deepspeed:  # the loader is not prepared, so DeepSpeed cannot read the batch size off it
             self.accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.data.batch_size
         set_seed(train.seed)
+        self.accelerator.wait_for_everyone()  # every process has looked at the run folder before it changes
         if self.accelerator.is_main_process:
+            if train.overwrite:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
             os.makedirs(self.run_dir, exist_ok=True)
+        tokenizer = run_tokenizer(config, self.accelerator, self.run_dir)  # refuses a resume with other settings
+        if self.accelerator.is_main_process:
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
                 f.write(config_to_yaml(config))
-        tokenizer = run_tokenizer(config, self.accelerator, self.run_dir)
         model, self.processor = build_model(config.model.to_vlmoe_config(), tokenizer)
         optimizer = build_optimizer(model, config.optim)
         scheduler = build_scheduler(optimizer, config.optim, train.steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.state = TrainerState()
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        if checkpoint is not None:
+            self._resume(checkpoint)
 
     @property
     def unwrapped(self):
@@ -164,36 +225,56 @@ class Trainer:
 
     # --- data ----------------------------------------------------------------------------
 
-    def _loader(self, sources, train: bool, batch_size: int, collate):
+    def _loader(self, sources, train: bool, batch_size: int, collate, position: dict[str, Any] | None = None):
         acc, data = self.accelerator, self.config.data
         return build_loader(
             [s.to_source() for s in sources], train=train, batch_size=batch_size, collate=collate,
             rank=acc.process_index, world_size=acc.num_processes, seed=self.config.train.seed,
-            shuffle_buffer=data.shuffle_buffer, num_workers=data.num_workers,
+            shuffle_buffer=data.shuffle_buffer, num_workers=data.num_workers, position=position,
         )
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Training batches from the checkpoint's data position on."""
-        loader = self._loader(self.config.data.train, True, self.config.data.batch_size, TrainingCollate(self.processor))
-        return islice(iter(loader), self.state.step * self.config.train.grad_accum, None)
+        acc, positions = self.accelerator, self.state.data_positions
+        if positions is not None and len(positions) != acc.num_processes:
+            raise ValueError(f"the checkpoint's data positions are for {len(positions)} processes, not "
+                             f"{acc.num_processes}: resume with as many processes")
+        if positions is None and self.state.step > 0:
+            logger.warning("the checkpoint holds no data position (written by an older vlmoe): "
+                           "the training data starts again from the beginning of the stream")
+        self.train_loader = self._loader(self.config.data.train, True, self.config.data.batch_size,
+                                         TrainingCollate(self.processor),
+                                         position=positions[acc.process_index] if positions else None)
+        return iter(self.train_loader)
+
+    def _skipped(self) -> dict[str, int]:
+        """Training samples the pipeline skipped so far, per reason, over every process (each
+        loader sums its workers' counts), before the resume included."""
+        stats = self.train_loader.stats.skipped
+        counts = torch.tensor([stats[reason] for reason in SKIP_REASONS], device=self.accelerator.device)
+        counts = self.accelerator.reduce(counts, reduction="sum")
+        return {reason: self.state.skipped.get(reason, 0) + n for reason, n in zip(SKIP_REASONS, counts.tolist())}
+
+    def _save_checkpoint(self) -> None:
+        """Every process calls it: the data positions and skip counts are gathered first."""
+        state = {**vars(self.state), "data_positions": gather_object([self.train_loader.position]),
+                 "skipped": self._skipped()}
+        cfg = self.config.train
+        save_checkpoint(self.accelerator, self.run_dir, self.state.step, state, cfg.keep_checkpoints)
 
     # --- loop ----------------------------------------------------------------------------
 
-    def resume(self, checkpoint: str | None) -> None:
-        path = latest_checkpoint(self.run_dir) if checkpoint == "auto" else checkpoint
-        if path is None:
-            return
-        self.state = TrainerState(**load_checkpoint(self.accelerator, path))
-        logger.info("resumed from %s at step %d", path, self.state.step)
+    def _resume(self, checkpoint: str) -> None:
+        self.state = TrainerState(**load_checkpoint(self.accelerator, checkpoint))
+        logger.info("resumed from %s at step %d", checkpoint, self.state.step)
         if self.accelerator.is_main_process and os.path.isfile(self.metrics_path):
             self._truncate_metrics(self.state.step)
 
     def fit(self) -> dict[str, float]:
         cfg = self.config.train
         acc = self.accelerator
-        acc.init_trackers("tensorboard")
-        if self.state.step == 0 and acc.is_main_process and os.path.isfile(self.metrics_path):
-            os.remove(self.metrics_path)  # a fresh run does not append to an old run's log
+        # TensorBoard hides what an earlier attempt logged after the checkpoint (it is logged again)
+        acc.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": self.state.step + 1}})
         batches = self._batches()
         bar = tqdm(total=cfg.steps, initial=self.state.step, disable=not acc.is_main_process, desc="train")
         window_start, window_samples = time.perf_counter(), 0
@@ -205,7 +286,8 @@ class Trainer:
             step = self.state.step
             if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = time.perf_counter() - window_start
-                record = {**losses, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": window_samples / elapsed}
+                record = {**losses, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": window_samples / elapsed,
+                          **{f"num_skipped/{reason}": n for reason, n in self._skipped().items()}}
                 if step % cfg.stats_every == 0 and routing:
                     record.update(routing_scalars(routing))
                 self._log(step, record)
@@ -214,7 +296,7 @@ class Trainer:
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 self._log(step, self.validate())
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save_checkpoint(acc, self.run_dir, step, vars(self.state), cfg.keep_checkpoints)
+                self._save_checkpoint()
         bar.close()
         self.export()
         acc.end_training()
@@ -226,17 +308,20 @@ class Trainer:
         self.model.train()
         totals = torch.zeros(len(LOSS_TERMS), device=acc.device)
         finite, routing, samples = True, [], 0
-        for _ in range(cfg.grad_accum):
-            batch = {k: v.to(acc.device) for k, v in next(batches).items()}
+        micro_batches = [{k: v.to(acc.device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum)]
+        tokens = self._target_tokens_per_micro_batch(micro_batches)
+        for batch in micro_batches:
             samples += batch["input_ids"].shape[0]
             with acc.accumulate(self.model), acc.autocast():
-                out = self.model(**batch)
+                out = self.model(**batch, num_items_in_batch=tokens)
                 loss = out.loss
                 terms = [getattr(out, name) for name in LOSS_TERMS]
                 totals += torch.stack([t.detach().float() if t is not None else loss.new_zeros(()) for t in terms])
                 finite = finite and bool(acc.gather(torch.isfinite(loss.detach()).float().view(1)).min() > 0)
                 if finite:
-                    acc.backward(loss)  # divided by grad_accum (DeepSpeed: by its engine)
+                    # divided by grad_accum (DeepSpeed: by its engine): aux and z-losses (and the
+                    # words and pixel losses) stay means of per-micro-batch means
+                    acc.backward(loss)
             routing = out.routing
         if finite:
             if cfg.clip_grad_norm > 0:
@@ -250,6 +335,17 @@ class Trainer:
         self.state.samples_seen += samples * acc.num_processes
         means = acc.reduce(totals / cfg.grad_accum, reduction="mean").tolist()
         return dict(zip(LOSS_TERMS, means)), routing, samples
+
+    def _target_tokens_per_micro_batch(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The step's target tokens over all processes, per process and micro-batch.
+
+        Each micro-batch's LM loss is its sum over tokens divided by this; ``backward`` divides by
+        ``grad_accum`` and DDP (FSDP, DeepSpeed) averages over processes, so the step's gradient is
+        that of the mean over all of its target tokens.
+        """
+        acc = self.accelerator
+        tokens = sum((batch["labels"][:, 1:] != -100).sum() for batch in micro_batches).float()
+        return acc.reduce(tokens, reduction="mean") / len(micro_batches)
 
     def _on_nonfinite(self) -> None:
         self.state.nonfinite_in_a_row += 1
@@ -310,11 +406,23 @@ class Trainer:
                 f.write(json.dumps({"step": step, **record}) + "\n")
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop lines a killed run logged after its last checkpoint; they are logged again."""
+        """Drop lines a killed run logged after its last checkpoint (they are logged again), and a
+        last line the kill tore."""
         with open(self.metrics_path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            lines = [line for line in f if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise ValueError(f"{self.metrics_path}, line {number}: not JSON: {line[:80]!r}") from None
+                logger.warning("%s: dropped a torn last line (a kill while it was written): %r", self.metrics_path, line[:80])
+                continue
+            if record["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
         with open(self.metrics_path, "w") as f:
-            f.writelines(lines)
+            f.writelines(kept)
 
     def export(self) -> str:
         final = os.path.join(self.run_dir, "final")
@@ -329,6 +437,4 @@ class Trainer:
 
 def train(config: Config, resume: str | None = None) -> dict[str, float]:
     """Build everything from ``config``, optionally resume (``"auto"`` or a checkpoint path), and train."""
-    trainer = Trainer(config)
-    trainer.resume(resume)
-    return trainer.fit()
+    return Trainer(config, resume).fit()
