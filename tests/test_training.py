@@ -199,6 +199,36 @@ def test_resume_is_exact_on_two_processes(shapes, tmp_path):
     assert losses(run_dir) == expected
 
 
+def accelerate_launch(*flags: str) -> list[str]:
+    """``accelerate launch FLAGS`` through the CLI's own entry point, with this interpreter."""
+    return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", *flags]
+
+
+def test_accelerate_launch_multi_gpu_trains_two_cpu_processes(shapes, tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` on CPU: two gloo processes train, and
+    the run says so in its log (per process) and in metrics.jsonl."""
+    launcher = accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", "29536")
+    run = run_script(overrides(shapes, str(tmp_path), "double", "train.steps=2"), launcher)
+    stderr = run.communicate(timeout=300)[1]
+    assert run.returncode == 0, stderr[-3000:]
+    assert "process 0 of 2" in stderr and "process 1 of 2" in stderr, stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "double" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["world_size"] for r in records if "loss" in r] == [2, 2]
+
+
+def test_accelerate_launch_cpu_with_two_processes_is_refused(shapes, tmp_path):
+    """``accelerate launch --cpu --num_processes 2`` starts one process (Accelerate starts several
+    CPU processes only through MPI): train.py stops, naming the commands that work, before it
+    writes anything, instead of training alone and exiting 0."""
+    launcher = accelerate_launch("--cpu", "--num_processes", "2", "--main_process_port", "29537")
+    run = run_script(overrides(shapes, str(tmp_path), "single", "train.steps=2"), launcher)
+    stderr = run.communicate(timeout=300)[1]
+    assert run.returncode != 0
+    assert "accelerate launch --multi_gpu --num_processes" in stderr and "torchrun --nproc_per_node" in stderr, stderr[-3000:]
+    assert not (tmp_path / "single").exists()
+
+
 def test_deepspeed_zero2_matches_plain_run_and_resumes(shapes, tmp_path):
     """configs/accelerate/deepspeed_zero2.yaml on 1 CPU process (Accelerate forms no multi-process
     DeepSpeed group on CPU), with gradient accumulation: the losses equal a plain run's, and

@@ -2,8 +2,10 @@
 
 Notable choices:
 - Accelerate owns devices, processes and precision; one code path for 1 CPU process, several
-  processes (torchrun / accelerate launch) and GPUs. The data pipeline splits shards by rank
-  itself, so the loader is not passed to ``accelerator.prepare``.
+  processes (torchrun / accelerate launch) and GPUs. Each process logs its rank and the world size
+  at start, and each training record holds ``world_size`` (``samples_per_s`` is over all of them);
+  a launch that asked for several processes and started one is refused (``launch.py``). The
+  data pipeline splits shards by rank itself, so the loader is not passed to ``accelerator.prepare``.
 - Gradient accumulation: ``grad_accum`` micro-batches under ``accelerator.accumulate`` (no
   gradient sync but on the last; under DeepSpeed its engine accumulates), then clipping and one
   optimizer step. The LM loss is the mean over the target tokens of the whole step, on every
@@ -45,6 +47,7 @@ from ..processing import build_model, train_tokenizer
 from ..tasks import GenerationCollate, TrainingCollate, generate_from_batch
 from .checkpoint import TRAINER_STATE, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, config_to_yaml
+from .launch import check_launch
 from .optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -193,6 +196,7 @@ class Trainer:
             log_with="tensorboard", project_dir=self.run_dir,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=moe_loop)],
         )
+        check_launch(self.accelerator)  # refuses `accelerate launch --cpu --num_processes 2` (one process)
         if self.accelerator.gradient_accumulation_steps != train.grad_accum:
             raise ValueError(
                 f"train.grad_accum={train.grad_accum} but the launcher set gradient_accumulation_steps="
@@ -287,6 +291,7 @@ class Trainer:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = time.perf_counter() - window_start
                 record = {**losses, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": window_samples / elapsed,
+                          "world_size": acc.num_processes,
                           **{f"num_skipped/{reason}": n for reason, n in self._skipped().items()}}
                 if step % cfg.stats_every == 0 and routing:
                     record.update(routing_scalars(routing))
