@@ -5,7 +5,11 @@
     python train.py --config configs/tiny.yaml --resume auto          # continue a killed run
     python train.py --config configs/tiny.yaml train.overwrite=true   # start runs/tiny afresh
     torchrun --nproc_per_node 2 train.py --config configs/tiny.yaml   # 2 processes (CPU: gloo)
+    accelerate launch --multi_gpu --num_processes 2 train.py --config configs/tiny.yaml  # the same
     accelerate launch --config_file configs/accelerate/fsdp.yaml train.py --config configs/base.yaml
+
+``accelerate launch --cpu --num_processes 2`` starts one process (Accelerate needs MPI for that):
+train.py refuses it and names the commands above.
 
 Overrides are ``dotted.key=value`` paths into the config (see ``vlmoe/training/config.py``).
 Writes ``runs/NAME/``: ``config.yaml``, ``checkpoints/``, ``metrics.jsonl``, TensorBoard logs,
