@@ -53,7 +53,6 @@ class VisionConfig:
             ``ConvStem``; Xiao et al. 2021, "Early convolutions help transformers see better") in
             place of the linear patch embedding; ``patch_size`` then counts stem output pixels, so
             a patch covers ``patch_size * 2 ** len(conv_stem)`` image pixels. ``None``: no stem.
-        stem_pixels: with ``conv_stem``, also add a linear embedding of each token's raw pixels.
         moe_layers / moe_every: which blocks become MoE.
         image_mean, image_std, interpolation, crop_pct: preprocessing; ``None`` takes timm's
             data config of the model.
@@ -70,7 +69,6 @@ class VisionConfig:
     mlp_ratio: float | None = None
     pretrained_file: str | None = None
     conv_stem: list[int] | None = None
-    stem_pixels: bool = False
     moe_layers: list[int] | None = None
     moe_every: int = 0
     image_mean: list[float] | None = None
@@ -176,15 +174,11 @@ class ProjectorConfig:
         pool: merge each ``pool x pool`` block of patches into one image token (1 = keep all).
         merge: how a block becomes one token: ``avg`` (average pooling) or ``shuffle``
             (space-to-depth: the block's features side by side, nothing thrown away; nanoVLM, Idefics3).
-        pos_embed: add a learned embedding of each image token's place in the grid to its output.
-            The decoder's RoPE sees the tokens in one line and attention values carry no position,
-            so a token's place in the image reaches answers ("left or right?") only through its features.
     """
 
     hidden_features: int | None = None
     pool: int = 1
     merge: str = "avg"
-    pos_embed: bool = False
 
     def __post_init__(self) -> None:
         if self.pool < 1:
@@ -248,11 +242,10 @@ class VLMoEConfig(PreTrainedConfig):
         image_token: the placeholder token that marks image positions in ``input_ids``.
         caption_prompt, vqa_prompt: prompt templates (``{question}`` is filled in for VQA).
         max_text_length: the longest prompt + target the processor makes.
-        words_loss_weight: weight of the auxiliary loss that predicts each sample's target words
-            from its image tokens alone (``VLMoEForConditionalGeneration._words_loss``); 0 = off.
         pixel_loss_weight: weight of the auxiliary loss in which each image token reconstructs its
             block of the image (``VLMoEForConditionalGeneration._pixel_loss``); 0 = off.
-        pixel_loss_size: the pixels a side each image token reconstructs (its block, average-pooled).
+        pixel_loss_size: the pixels a side each image token reconstructs (its block, average-pooled);
+            ``None``: the block at the image's resolution.
     """
 
     model_type = "vlmoe"
@@ -267,19 +260,17 @@ class VLMoEConfig(PreTrainedConfig):
     caption_prompt: str = CAPTION_PROMPT
     vqa_prompt: str = VQA_PROMPT
     max_text_length: int = 64
-    words_loss_weight: float = 0.0
     pixel_loss_weight: float = 0.0
-    pixel_loss_size: int = 8
+    pixel_loss_size: int | None = None
 
     def __post_init__(self, **kwargs):
         for name in _PARTS:
             setattr(self, name, _as_part(name, getattr(self, name)))
         if self.share_moe_layers:
             check_shared_moe_layers(self.vision, self.decoder)
-        for name in ("words_loss_weight", "pixel_loss_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.pixel_loss_size < 1:
+        if self.pixel_loss_weight < 0:
+            raise ValueError(f"pixel_loss_weight must be >= 0, got {self.pixel_loss_weight}")
+        if self.pixel_loss_size is not None and self.pixel_loss_size < 1:
             raise ValueError(f"pixel_loss_size must be >= 1, got {self.pixel_loss_size}")
         super().__post_init__(**kwargs)
 

@@ -12,7 +12,7 @@ Notable choices:
   elsewhere; their mean, or their sum over ``num_items_in_batch`` as transformers' models take
   it, so that a trainer gets the mean over the target tokens of a whole optimizer step), plus
   the load-balancing and z-losses averaged over MoE calls and weighted by ``config.moe``, and the
-  optional words loss (``config.words_loss_weight``); each term is also returned on its own,
+  optional pixel loss (``config.pixel_loss_weight``); each term is also returned on its own,
   with per-layer routing statistics.
 """
 
@@ -50,7 +50,6 @@ class VLMoEOutput(CausalLMOutputWithPast):
     lm_loss: Tensor | None = None
     aux_loss: Tensor | None = None
     z_loss: Tensor | None = None
-    words_loss: Tensor | None = None
     pixel_loss: Tensor | None = None
     routing: list[RoutingRecord] | None = None
 
@@ -101,8 +100,10 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         config.decoder.pretrained_path = None
         self.projector = Projector(self.vision.vit.embed_dim, text_config.hidden_size, self.vision.grid_size, config.projector)
         # Each image token reconstructs its own block of pixels (``_pixel_loss``); only built when used.
+        block = config.vision.img_size // self.vision.grid_size[0] * config.projector.pool  # image pixels a side
+        self.pixel_block_size = config.pixel_loss_size or block
         self.pixel_head = (
-            nn.Linear(text_config.hidden_size, 3 * config.pixel_loss_size**2) if config.pixel_loss_weight else None
+            nn.Linear(text_config.hidden_size, 3 * self.pixel_block_size**2) if config.pixel_loss_weight else None
         )
         self.post_init()
         # After post_init: the decoder's own init scheme would otherwise re-initialise the new
@@ -203,7 +204,7 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         num_items_in_batch: Tensor | float | None = None,
     ) -> dict[str, Tensor | None]:
         if labels is None:  # generation: no loss terms (and no router statistics computed)
-            return dict.fromkeys(("loss", "lm_loss", "aux_loss", "z_loss", "words_loss", "pixel_loss"))
+            return dict.fromkeys(("loss", "lm_loss", "aux_loss", "z_loss", "pixel_loss"))
         moe = self.config.moe
         aux = z = None
         if routing:
@@ -216,49 +217,26 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         if num_items_in_batch is not None:
             lm = lm / num_items_in_batch
         loss = lm if aux is None else lm + aux + z
-        words = None
-        if self.config.words_loss_weight and image_embeds is not None:
-            words = self.config.words_loss_weight * self._words_loss(image_embeds, labels)
-            loss = loss + words
         pixel = None
         if self.pixel_head is not None and image_embeds is not None:
             pixel = self.config.pixel_loss_weight * self._pixel_loss(image_embeds, pixel_values)
             loss = loss + pixel
-        return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "words_loss": words, "pixel_loss": pixel}
+        return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "pixel_loss": pixel}
 
     def _pixel_loss(self, image_embeds: Tensor, pixel_values: Tensor) -> Tensor:
         """Mean squared error of each image token's reconstruction of its block of the image.
 
-        The image (as the ViT saw it, normalised) is average-pooled so that each image token's
-        block is ``pixel_loss_size`` pixels a side; a linear head reads the block's pixels off the
-        token. It keeps what the language loss alone may let the image tokens drop (a colour the
-        decoder has not learned to use yet); it needs no labels.
+        The image (as the ViT saw it, normalised; average-pooled to ``pixel_loss_size`` pixels a
+        side per block if set) is cut into the image tokens' blocks, and a linear head reads each
+        block's pixels off its token. It keeps what the language loss alone lets the image tokens
+        drop (a colour the decoder has not learned to use yet) and asks for each block's layout
+        (a shape's outline); it needs no labels.
         """
-        size = self.config.pixel_loss_size
         grid = self.vision.grid_size[0] // self.projector.pool, self.vision.grid_size[1] // self.projector.pool
+        size = self.pixel_block_size
         target = F.adaptive_avg_pool2d(pixel_values.float(), (grid[0] * size, grid[1] * size))  # (B, 3, gh*s, gw*s)
         target = F.pixel_unshuffle(target, size).flatten(2).transpose(1, 2)  # (B, P', 3*s*s)
         return F.mse_loss(self.pixel_head(image_embeds).float(), target)
-
-    def _words_loss(self, image_embeds: Tensor, labels: Tensor) -> Tensor:
-        """Each image's target words, each found in one of its image tokens (multiple-instance learning).
-
-        A short, local path from the words to the vision tower: token ``p`` scores word ``w`` as
-        ``image_embeds[p] @ embeddings[w]`` (the decoder's own input embeddings); an image scores
-        a word by its best token (log-sum-exp over tokens), and the loss is the cross-entropy
-        between the bag of target tokens (a distribution over the vocabulary) and the softmax of
-        the image's scores. The max sends each word's gradient to the token that holds it, where a
-        mean over tokens would spread it over every token. Needs no labels beyond the targets.
-        """
-        embeddings = self.get_input_embeddings().weight  # (V, D)
-        scores = image_embeds.float() @ embeddings.float().T  # (B, P, V)
-        log_probs = F.log_softmax(scores.logsumexp(dim=1), dim=-1)  # (B, V)
-        counts = torch.zeros_like(log_probs).scatter_add_(1, labels.clamp(min=0), (labels >= 0).float())  # (B, V)
-        if self.language_model.config.eos_token_id is not None:  # the same last word everywhere
-            counts[:, self.language_model.config.eos_token_id] = 0
-        has_words = counts.sum(1) > 0
-        bags = counts / counts.sum(1, keepdim=True).clamp(min=1)
-        return -(bags * log_probs).sum(1)[has_words].mean()
 
     # --- bookkeeping ---------------------------------------------------------------------
 

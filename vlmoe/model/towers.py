@@ -27,22 +27,6 @@ from ..moe import MoEConfig, MoELayer, SharedMoE
 from .config import DecoderConfig, ProjectorConfig, VisionConfig, moe_layer_indices
 
 
-class StemPixelsEmbed(HybridEmbed):
-    """timm's ``HybridEmbed`` over a conv stem, plus a linear embedding of each token's raw pixels.
-
-    The stem's BatchNorm + ReLU features learn shape fast but lost colour in 2 of 4 runs; a linear
-    patch embedding keeps colour (probe 0.99). The sum gives each token both paths.
-    """
-
-    def __init__(self, *args, stride: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
-        self.pixels = nn.Conv2d(kwargs.get("in_chans", 3), self.proj.out_channels, stride, stride=stride, **dd)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x) + self.pixels(x).flatten(2).transpose(1, 2)  # (B, P, D)
-
-
 class VisionTower(nn.Module):
     """A timm ViT that returns its patch tokens (prefix tokens such as CLS dropped)."""
 
@@ -59,10 +43,7 @@ class VisionTower(nn.Module):
             # demo model learned far slower (docs/RESULTS.md, section 5).
             n = len(config.conv_stem)
             stem = ConvStem(depth=n, channels=tuple(config.conv_stem), stride=(2,) * n)
-            if config.stem_pixels:
-                kwargs["embed_layer"] = partial(StemPixelsEmbed, backbone=stem, stride=2**n * (config.patch_size or 1))
-            else:
-                kwargs["embed_layer"] = partial(HybridEmbed, backbone=stem)
+            kwargs["embed_layer"] = partial(HybridEmbed, backbone=stem)
         pretrained = config.pretrained_file is not None
         # custom_load off: a local file is a PyTorch state dict, not the JAX .npz that some
         # pretrained configs (vit_tiny's) name; timm < 1.0.31 kept the flag for file sources.
@@ -128,7 +109,6 @@ class Projector(nn.Module):
         self.fc1 = nn.Linear(in_features * (config.pool**2 if self.shuffle else 1), hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, out_features)
-        self.pos_embed = nn.Parameter(torch.randn(self.num_tokens, out_features) * 0.02) if config.pos_embed else None
 
     @property
     def num_tokens(self) -> int:
@@ -143,8 +123,7 @@ class Projector(nn.Module):
             else:
                 x = F.avg_pool2d(x, self.pool)  # (B, Dv, H / pool, W / pool)
             x = x.flatten(2).transpose(1, 2)  # (B, P', Dv or Dv * pool^2)
-        x = self.fc2(self.act(self.fc1(x)))
-        return x if self.pos_embed is None else x + self.pos_embed
+        return self.fc2(self.act(self.fc1(x)))
 
 
 def _mlp_width(mlp: nn.Module) -> tuple[int, int]:

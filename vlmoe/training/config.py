@@ -53,9 +53,8 @@ class ModelConfig:
     caption_prompt: str = CAPTION_PROMPT
     vqa_prompt: str = VQA_PROMPT
     max_text_length: int = 64
-    words_loss_weight: float = 0.0
     pixel_loss_weight: float = 0.0
-    pixel_loss_size: int = 8
+    pixel_loss_size: int | None = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
     def __post_init__(self) -> None:
@@ -68,7 +67,7 @@ class ModelConfig:
             vision=self.vision, decoder=self.decoder, projector=self.projector, moe=self.moe,
             share_moe_layers=self.share_moe_layers, caption_prompt=self.caption_prompt,
             vqa_prompt=self.vqa_prompt, max_text_length=self.max_text_length,
-            words_loss_weight=self.words_loss_weight, pixel_loss_weight=self.pixel_loss_weight,
+            pixel_loss_weight=self.pixel_loss_weight,
             pixel_loss_size=self.pixel_loss_size,
         )
 

@@ -4,8 +4,8 @@ Notable choices:
 - Every parameter belongs to one of ``PARAM_GROUPS`` by where it sits: routers and experts
   (MoE layers, shared ones included) first, then the tower or projector that holds it. Each
   group has its own learning-rate multiplier and can be frozen.
-- No weight decay on norms, biases (anything 1-D), routers, the ViT's position embeddings and
-  prefix tokens (timm's ``no_weight_decay()``), and the projector's position embedding.
+- No weight decay on norms, biases (anything 1-D), routers, and the ViT's position embeddings
+  and prefix tokens (timm's ``no_weight_decay()``).
 - Warmup then cosine decay to ``lr * min_lr_ratio`` (transformers' schedule).
 """
 
@@ -32,7 +32,6 @@ def param_group_of(name: str) -> str:
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
     no_decay_names = {f"vision.vit.{n}" for n in getattr(model.vision.vit, "no_weight_decay", lambda: set())()}
-    no_decay_names.add("projector.pos_embed")  # a position embedding, like the ViT's
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         group = param_group_of(name)

@@ -52,7 +52,7 @@ from .optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 MODALITY_NAMES = ("image", "text")
-LOSS_TERMS = ("loss", "lm_loss", "aux_loss", "z_loss", "words_loss", "pixel_loss")
+LOSS_TERMS = ("loss", "lm_loss", "aux_loss", "z_loss", "pixel_loss")
 TOKENIZER_SETTINGS = "trained_with.json"  # in the run's tokenizer folder: the model.tokenizer it was trained with
 
 
