@@ -59,8 +59,12 @@ TINY, SMALL = 1e-15, 1e-9  # pycocoevalcap's BLEU smoothing constants
         ("1,000 people, 3.5 inches", "1,000 people 3.5 inches"),  # numbers stay whole
         ("Mr. Smith on Main St.", "mr. smith on main st."),  # abbreviations keep their period
         ("the U.S. flag", "the u.s. flag"),
-        ("a grey colour", "a gray color"),  # Americanised (lower-case words only, as in Java)
-        ("and/or", "and\\/or"),  # / escaped
+        ("a grey colour", "a grey colour"),  # British spellings kept, as the 3.4.1 jar keeps them
+        ("and/or 3*4", "and/or 3 * 4"),  # / and * not escaped; * split off
+        ("gonna wanna gotta", "gon na wan na got ta"),
+        ("at 5 p.m", "at 5 p.m"),  # an acronym without its final period stays whole
+        ("a [red] <b>box</b> #tag @user", "a -lsb- red -rsb- <b> box </b> #tag @user"),
+        ("a \u00bd cup", "a 1/2 cup"),
         ("wow?!", "wow ?!"),  # "?!" is one token and not in the removal list
     ],
 )

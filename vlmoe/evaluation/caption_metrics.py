@@ -2,24 +2,26 @@
 
 Source: the COCO caption evaluation code (tylin/coco-caption, packaged as ``pycocoevalcap``: ``bleu/bleu_scorer.py``,
 ``rouge/rouge.py``, ``cider/cider_scorer.py``, ``tokenizer/ptbtokenizer.py``), re-implemented here; the scorers
-reproduce its formulas and quirks, the tokenizer is a pure-Python approximation of the Java one it calls.
+reproduce its formulas and quirks, the tokenizer is a pure-Python port of the Java one it calls (held to
+the jar by a parity test).
 
 Notable choices:
-- Tokenisation (``coco_tokenize``) mimics ``PTBTokenizer``: Stanford CoreNLP 3.4.1
-  ``PTBTokenizer -preserveLines -lowerCase``, then removal of the punctuation tokens listed in
-  ``PTB_PUNCTUATIONS``. ``ptb_tokenize`` is a longest-match scanner over the main rules of CoreNLP's
-  ``PTBLexer.flex`` with ``ptb3Escaping`` defaults: clitics split (``dog's`` -> ``dog 's``, ``don't`` -> ``do n't``,
-  ``cannot`` -> ``can not``), hyphenated words, numbers (``1,000``, ``3.5``), abbreviations (``mr.``, ``st.``,
-  single letters, ``u.s.``) kept whole, quotes mapped to `` ` `` / ``'`` forms, ellipses to ``...``, 3-4 hyphens to
-  ``--``, ``/`` and ``*`` escaped, brackets to ``-LRB-`` etc., and British spellings Americanised (``grey`` ->
-  ``gray``, ``colour`` -> ``color``; only lowercase words, as in Java). Known places where it may differ from the
-  Java tokenizer: each caption is tokenised alone (Java tokenises all captions as one stream, so look-ahead rules
-  such as sentence-end after an abbreviation could see the next caption); the abbreviation, Americanisation and
-  ``APOWORD`` lists are those of the CoreNLP sources, not checked against the 3.4.1 jar; URLs/e-mails, SGML tags and
-  character entities are handled in a simplified way; untokenizable characters (e.g. emoji) are dropped; Unicode
-  letter/digit classes follow Python, not JFlex. Because ``-lowerCase`` lower-cases tokens *after* escaping,
-  ``(`` becomes ``-lrb-`` and is **not** removed by the (upper-case) ``-LRB-`` entry of the punctuation list, as
-  in the COCO evaluation.
+- Tokenisation (``coco_tokenize``) reproduces ``PTBTokenizer``: the Stanford CoreNLP **3.4.1** jar that
+  pycocoevalcap runs (``PTBTokenizer -preserveLines -lowerCase``), then removal of the punctuation tokens listed in
+  ``PTB_PUNCTUATIONS``. ``ptb_tokenize`` is a longest-match scanner over the rules of that version's
+  ``PTBLexer.flex``: clitics split (``dog's`` -> ``dog 's``, ``don't`` -> ``do n't``, ``cannot`` -> ``can not``,
+  ``gonna`` -> ``gon na``), hyphenated words, numbers (``1,000``, ``3.5``), abbreviations and acronyms (``mr.``,
+  ``u.s.``, ``p.m``) kept whole, SGML tags, ``#hashtags`` and ``@users`` kept whole, quotes mapped to `` ` `` /
+  ``'`` forms, ellipses to ``...``, 3-4 hyphens to ``--``, ``( ) [ ] { }`` to ``-LRB-`` ... ``-RCB-``, ``<`` and
+  ``>`` kept, fractions ``½`` -> ``1/2``. Unlike later CoreNLP releases, 3.4.1 (as pycocoevalcap runs it) neither
+  Americanises spellings (``grey`` stays ``grey``) nor escapes ``/`` and ``*``. Characters outside the Basic
+  Multilingual Plane (emoji) are deleted, as the jar deletes them. Each caption is scanned as one line of the
+  jar's input file (followed by a newline); the jar scans all captions as one stream, and the only rules that
+  look past a line's end add a ``.`` token after a sentence-final abbreviation, which the punctuation removal
+  drops again (one known difference: the jar's last line, unlike the others, splits a final ``'90`` into
+  ``' 90``). ``tests/test_caption_parity.py`` holds the result to the jar caption by caption. Because
+  ``-lowerCase`` lower-cases tokens *after* escaping, ``(`` becomes ``-lrb-`` and is **not** removed by the
+  (upper-case) ``-LRB-`` entry of the punctuation list, as in the COCO evaluation.
 - BLEU (``bleu_scorer.py``, option ``"closest"``): corpus-level; n-gram counts clipped by the maximum count in
   any one reference; the effective reference length of a caption is the reference length closest to it (ties: the
   shorter); ``BLEU-n = (prod_k (correct_k + 1e-15) / (guess_k + 1e-9)) ** (1/n) * BP`` with
@@ -77,68 +79,15 @@ PTB_PUNCTUATIONS: frozenset[str] = frozenset(
 )
 
 # ----------------------------------------------------------------------------------------------------------------
-# Americanize (CoreNLP edu.stanford.nlp.process.Americanize): applied by the lexer to plain letter words, case
-# sensitive, before lower-casing.
-# ----------------------------------------------------------------------------------------------------------------
-_AMERICAN_WORDS: dict[str, str] = dict(
-    pair.split(":")
-    for pair in (
-        "anaesthetic:anesthetic analogue:analog analogues:analogs analyse:analyze analysed:analyzed "
-        "analysing:analyzing armoured:armored cancelled:canceled cancelling:canceling candour:candor "
-        "capitalise:capitalize capitalised:capitalized capitalisation:capitalization centre:center "
-        "chimaeric:chimeric clamour:clamor coloured:colored colouring:coloring defence:defense detour:detour "
-        "discolour:discolor discolours:discolors discoloured:discolored discolouring:discoloring "
-        "encyclopaedia:encyclopedia endeavour:endeavor endeavours:endeavors endeavoured:endeavored "
-        "endeavouring:endeavoring fervour:fervor favour:favor favours:favors favoured:favored favouring:favoring "
-        "favourite:favorite favourites:favorites fibre:fiber fibres:fibers finalise:finalize finalised:finalized "
-        "finalising:finalizing flavour:flavor flavours:flavors flavoured:flavored flavouring:flavoring "
-        "glamour:glamour grey:gray harbour:harbor harbours:harbors homologue:homolog homologues:homologs "
-        "honour:honor honours:honors honoured:honored honouring:honoring honourable:honorable humour:humor "
-        "humours:humors humoured:humored humouring:humoring kerb:curb labelled:labeled labelling:labeling "
-        "labour:labor labours:labors laboured:labored labouring:laboring leant:leaned learnt:learned "
-        "localise:localize localised:localized manoeuvre:maneuver manoeuvres:maneuvers maximise:maximize "
-        "maximised:maximized maximising:maximizing meagre:meager minimise:minimize minimised:minimized "
-        "minimising:minimizing modernise:modernize modernised:modernized modernising:modernizing "
-        "misdemeanour:misdemeanor misdemeanours:misdemeanors neighbour:neighbor neighbours:neighbors "
-        "neighbourhood:neighborhood neighbourhoods:neighborhoods oestrogen:estrogen oestrogens:estrogens "
-        "organisation:organization organisations:organizations penalise:penalize penalised:penalized "
-        "popularise:popularize popularised:popularized popularises:popularizes popularising:popularizing "
-        "practise:practice practised:practiced pressurise:pressurize pressurised:pressurized "
-        "pressurises:pressurizes pressurising:pressurizing realise:realize realised:realized realising:realizing "
-        "realises:realizes recognise:recognize recognised:recognized recognising:recognizing "
-        "recognises:recognizes rumoured:rumored rumouring:rumoring savour:savor savours:savors savoured:savored "
-        "savouring:savoring splendour:splendor splendours:splendors theatre:theater theatres:theaters "
-        "titre:titer titres:titers travelled:traveled travelling:traveling"
-    ).split()
-)
-# (pattern, exception pattern or None, replacement); the first pattern found anywhere in the word wins.
-_AMERICAN_PATTERNS: tuple[tuple[re.Pattern[str], re.Pattern[str] | None, str], ...] = (
-    (re.compile(r"haem(at)?o"), None, r"hem\g<1>o"),
-    (re.compile(r"aemia$"), None, "emia"),
-    (re.compile(r"([lL]euk)aem"), None, r"\g<1>em"),
-    (re.compile(r"programme(s?)$"), None, r"program\g<1>"),
-    (re.compile(r"^([a-z]{3,})our(s?)$"), re.compile(r"glamour|de[tv]our"), r"\g<1>or\g<2>"),
-)
-
-
-def _americanize(word: str) -> str:
-    if word in _AMERICAN_WORDS:
-        return _AMERICAN_WORDS[word]
-    for pattern, exception, replacement in _AMERICAN_PATTERNS:
-        if exception is not None and exception.search(word):
-            continue
-        if pattern.search(word):
-            return pattern.sub(replacement, word)
-    return word
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # PTB lexer approximation. Each rule: (token regex, trailing-context regex or None, action). Like JFlex, the rule
 # with the longest match (token + trailing context) wins and ties go to the earlier rule; the trailing context is
 # not consumed. An action maps the matched token text to the emitted tokens.
 # ----------------------------------------------------------------------------------------------------------------
-_LETTER = r"[^\W\d_]"
-_ALNUM = r"[^\W_]"
+# Python's \w also holds numbers that are neither Java letters nor digits (superscripts, fractions, circled).
+_OTHER_NUMBERS = "\u00b2\u00b3\u00b9\u00bc-\u00be\u2070-\u2089\u2150-\u2189\u2460-\u24ff\u2776-\u2793"
+# WORD also takes modifier letters and combining marks (CoreNLP's list; these are its common ranges).
+_LETTER = rf"(?:[^\W\d_{_OTHER_NUMBERS}]|[\u00ad\u0237-\u024f\u02c2-\u02c5\u02d2-\u02df\u02e5-\u02ff\u0300-\u036f])"
+_ALNUM = rf"[^\W_{_OTHER_NUMBERS}]"
 _APOS = "['\u0092\u2019]"
 _APOS_ETC = "['\u0092\u2019\u0091\u2018\u201b]"
 _HYPHEN = "[-_\u058a\u2010\u2011]"
@@ -161,7 +110,7 @@ _HTHING = rf"[A-Za-z0-9][A-Za-z0-9.,\u00ad]*(?:-(?:[A-Za-z0-9\u00ad]+|{_ACRO}\.)
 _APOWORD = (
     rf"{_APOS}(?i:n){_APOS}?|[lLdDjJ]{_APOS}|(?i:dunkin|somethin|ol){_APOS}|{_APOS}(?i:em|till?|cause|[2-9]0s)"
     rf"|[A-HJ-XZn]{_APOS_ETC}{_LETTER}{{2,}}|{_LETTER}+[aeiouyAEIOUY]{_APOS_ETC}[aeiouA-Z]{_LETTER}*"
-    r"|(?i:cont'd\.?|'twas|nor'easter|c'mon|e'er|s'mores|ev'ry|li'l|nat'l)"
+    r"|(?i:cont'd\.?|nor'easter|c'mon|e'er|s'mores|ev'ry|li'l|nat'l)"
 )
 
 
@@ -174,11 +123,6 @@ def _latex_quotes(text: str, probably_left: bool) -> str:
     text = re.sub("[\u0092\u2019\u203a]", "'", text)
     text = re.sub("[\u0093\u201c\u00ab]", "``", text)
     return re.sub("[\u0094\u201d\u00bb]", "''", text)
-
-
-def _escape(text: str, char: str) -> str:
-    """Backslash-escape ``char`` unless already escaped (PTB3 escapes ``/`` and ``*``)."""
-    return re.sub(r"(?<!\\)" + re.escape(char), "\\\\" + char, text)
 
 
 def _no_soft_hyphen(text: str) -> str:
@@ -194,8 +138,7 @@ def _const(token: str) -> Callable[[str], list[str]]:
 
 
 def _fractions(text: str) -> list[str]:
-    # CoreNLP maps U+2153 twice (a typo for U+2154), so 2/3 is left alone.
-    for char, value in (("\u00bc", "1\\/4"), ("\u00bd", "1\\/2"), ("\u00be", "3\\/4"), ("\u2153", "1\\/3")):
+    for char, value in (("\u00bc", "1/4"), ("\u00bd", "1/2"), ("\u00be", "3/4"), ("\u2153", "1/3"), ("\u2154", "2/3")):
         text = text.replace(char, value)
     return [text]
 
@@ -222,33 +165,41 @@ def _rule(token: str, action: Callable[[str], list[str]], trail: str | None = No
 
 _RULES: tuple[_Rule, ...] = (
     _rule(r"(?i:cannot)", lambda t: [t[:3]]),  # "cannot" -> "can" + "not" (see _ptb_scan: only 3 chars consumed)
+    _rule(r"(?i:gon|wan)", _same, trail=r"(?i:na)"),  # "gonna" -> "gon" + "na", as the 3.4.1 jar splits them
+    _rule(r"(?i:got)", _same, trail=r"(?i:ta)"),
+    _rule(r"(?i:gim|lem)", _same, trail=r"(?i:me)"),
+    _rule(r"'(?i:t)", _same, trail=r"(?i:was)"),  # "'twas" -> "'t" + "was"
+    _rule(r"</?[A-Za-z!][^>\s]*>", _same),  # SGML tag, kept whole
+    _rule(r"#[^\W\d_]+", _same),  # hashtag
+    _rule(r"@[A-Za-z_][A-Za-z0-9_]*", _same),  # @user
+    _rule(_ACRO, _same, trail=r"\s"),  # p.m, e.g: an acronym without its final period
     _rule(r"&(?:MD|mdash|ndash);|[\u0096\u0097\u2013\u2014\u2015]", _const("--")),
     _rule(r"(?i:&amp;)", _const("&")),
     _rule(r"&(?:HT|TL|UR|LR|QC|QL|QR|odq|cdq|#[0-9]+);", _same),
-    _rule(rf"{_LETTER}+", lambda t: [_americanize(t)], trail=rf"{_APOS}(?:[msdMSD]|(?i:re|ve|ll))"),
+    _rule(rf"{_LETTER}+", _same, trail=rf"{_APOS}(?:[msdMSD]|(?i:re|ve|ll))"),
     _rule(r"[A-Za-z\u00ad]*[A-MO-Za-mo-z]\u00ad*", lambda t: [_no_soft_hyphen(t)], trail=rf"[nN]{_APOS_ETC}[tT]"),
-    _rule(rf"{_LETTER}+", lambda t: [_americanize(_no_soft_hyphen(t))]),
+    _rule(rf"{_LETTER}+", lambda t: [_no_soft_hyphen(t)]),
     _rule(_APOWORD, _same),
     _rule(rf"[yY]{_APOS}", _same, trail=_LETTER),
-    _rule(r"https?://[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},-]", lambda t: [_escape(_escape(t, "/"), "*")]),
+    _rule(r"https?://[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},-]", _same),
     _rule(  # LIKELYURL; the class range ",-_" (0x2C-0x5F) is a quirk of the original
         r"(?:www\.(?:[^ \t\n\f\r\"<>|.!?(){},]+\.)+[a-zA-Z]{2,4}|(?:[^ \t\n\f\r\"`'<>|.!?(){}\x2c-\x5f$]+\.)+"
         r"(?:com|net|org|edu))(?:/[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},-])?",
-        lambda t: [_escape(_escape(t, "/"), "*")],
+        _same,
     ),
     _rule(r"[a-zA-Z0-9][^ \t\n\f\r\"<>|()\u00a0]*@(?:[^ \t\n\f\r\"<>|().\u00a0]+\.)+[a-zA-Z]{2,4}", _same),
     _rule(rf"{_APOS}(?:[msdMSD]|(?i:re|ve|ll))", lambda t: [_latex_quotes(t, False)], trail=r"[^A-Za-z]"),
     _rule(rf"[nN]{_APOS_ETC}[tT]", lambda t: [_latex_quotes(t, False)]),
-    _rule(r"\d{1,2}[-/]\d{1,2}[-/]\d{2,4}", lambda t: [_escape(t, "/")]),
+    _rule(r"\d{1,2}[-/]\d{1,2}[-/]\d{2,4}", _same),
     _rule(r"[-+]?(?:\d*(?:[.:,\u00ad\u066b\u066c]\d+)+|\d+)", lambda t: [_no_soft_hyphen(t)]),
-    _rule(r"(?:\d{1,4}[- \u00a0])?\d{1,4}(?:\\?/|\u2044)\d{1,4}", lambda t: [_escape(t, "/").replace(" ", "\u00a0")]),
+    _rule(r"(?:\d{1,4}[- \u00a0])?\d{1,4}(?:\\?/|\u2044)\d{1,4}", lambda t: [t.replace(" ", "\u00a0")]),
     _rule("[\u00bc\u00bd\u00be\u2153-\u215e]", _fractions),
     _rule(
         rf"(?i:-(?:RRB|LRB|RCB|LCB|RSB|LSB)-|C\.D\.s|pro-|anti-|S(?:&|&amp;)P-500|S(?:&|&amp;)Ls|Cap{_APOS}n"
         rf"|c{_APOS}est)",
         lambda t: [re.sub("(?i:&amp;)", "&", t)],
     ),
-    _rule(r"[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}(?:\\?/[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}){1,2}", lambda t: [_escape(t, "/")]),
+    _rule(r"[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}(?:\\?/[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}){1,2}", _same),
     _rule(r"[A-Z]*\$|#", _same),
     _rule("[\u00a2-\u00a5\u0080\u20a0\u20ac\u060b\u0e3f\u20a4\uffe0\uffe1\uffe5\uffe6]", _currency),
     _rule(rf"{_ABBREV1}\.", _same),
@@ -261,9 +212,11 @@ _RULES: tuple[_Rule, ...] = (
     _rule(r'"|&quot;', _const("``"), trail=r"[A-Za-z0-9$]"),
     _rule(r'"|&quot;', _const("''")),
     _rule(r"[+%&\u2030\u2031~^]", _same),
-    _rule(r"[|\\\x7f]|0x7f", lambda _t: []),  # deleted ("0x7f" literally, a quirk of the original)
-    _rule(r"[<\[]|&lt;", _const("-LRB-")),
-    _rule(r"[>\]]|&gt;", _const("-RRB-")),
+    _rule(r"\x7f|0x7f", lambda _t: []),  # deleted ("0x7f" literally, a quirk of the original)
+    _rule(r"\[", _const("-LSB-")),
+    _rule(r"\]", _const("-RSB-")),
+    _rule(r"<|&lt;", _const("<")),
+    _rule(r">|&gt;", _const(">")),
     _rule(r"\{", _const("-LCB-")),
     _rule(r"\}", _const("-RCB-")),
     _rule(r"\(", _const("-LRB-")),
@@ -271,12 +224,12 @@ _RULES: tuple[_Rule, ...] = (
     _rule(r"-+", _hyphens),
     _rule("\\.{3,5}|(?:\\.[ \u00a0]){2,4}\\.|[\u0085\u2026]", _const("...")),
     _rule(r"@+|#+|_+", _same),
-    _rule(r"\*+|(?:\\\*){1,3}", lambda t: [_escape(t, "*")]),
+    _rule(r"\*+|(?:\\\*){1,3}", _same),
     _rule(r"[,;:]", _same),
     _rule(r"[?!]+", _same),
     _rule("[.\u00a1\u00bf\u037e\u0589\u061f\u06d4\u0700-\u0702\u07fa]", _same),
     _rule(r"=", _same),
-    _rule(r"/", _const("\\/")),
+    _rule(r"/", _same),
     _rule(rf"{_HTHING}\.", lambda t: [_no_soft_hyphen(t)], trail=r"[,;:]"),
     _rule(_HTHING, lambda t: [_no_soft_hyphen(t)]),
     _rule(rf"{_THING}\.", _same, trail=r"[,;:]"),
@@ -290,14 +243,15 @@ _RULES: tuple[_Rule, ...] = (
         lambda t: [_latex_quotes(t, False)],
     ),
     _rule(
-        "[\u00a6\u00a7\u00a8\u00a9\u00ac\u00ae\u00af\u00b0-\u00ba\u00d7\u00f7\u0387\u2020-\u2023\u2032-\u2038"
-        "\u2044\u207a-\u207f\u208a-\u208e\u2100-\u214f\u2190-\u21ff\u2200-\u22ff\u2300-\u23ff\u2600-\u26ff"
-        "\u3012\u30fb\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65]",
+        "[|\\\\\u00a6\u00a7\u00a8\u00a9\u00ac\u00ae\u00af\u00b0-\u00ba\u00d7\u00f7\u0387\u2016\u2017\u2020-\u2023"
+        "\u2030-\u2038\u203b\u203e-\u2042\u2044\u207a-\u207f\u208a-\u208e\u2100-\u214f\u2190-\u21ff"
+        "\u2200-\u2bff\u3012\u30fb\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65]",
         _same,
     ),
 )
 _CANNOT_RULE = _RULES[0]
 _FAST_WORD = re.compile(r"[A-Za-z]+(?=\s|$)")
+_SPLIT_WORDS = frozenset(["cannot", "gonna", "wanna", "gotta", "gimme", "lemme"])
 _SKIPPED = frozenset("\x00\u200b\u200e\u200f\ufeff")
 
 
@@ -312,13 +266,10 @@ def _ptb_scan(text: str) -> list[str]:
         fast = _FAST_WORD.match(text, pos)
         if fast is not None:  # plain ASCII word before a space: only WORD / "cannot" can apply
             word = fast.group()
-            if word.lower() == "cannot":
-                tokens.append(word[:3])
-                pos += 3
-            else:
-                tokens.append(_americanize(word))
+            if word.lower() not in _SPLIT_WORDS:
+                tokens.append(word)
                 pos = fast.end()
-            continue
+                continue
         best: _Rule | None = None
         best_token, best_total = "", 0
         for rule in _RULES:
@@ -343,8 +294,8 @@ def _ptb_scan(text: str) -> list[str]:
 
 
 def ptb_tokenize(text: str, lowercase: bool = True) -> list[str]:
-    """Approximate Stanford ``PTBTokenizer`` (ptb3Escaping defaults; ``-lowerCase`` applied after escaping)."""
-    tokens = _ptb_scan(text)
+    """Stanford CoreNLP 3.4.1 ``PTBTokenizer`` on one line (``-lowerCase`` applied after escaping)."""
+    tokens = _ptb_scan(text + "\n")  # scanned as a line of a file: "p.m" + newline is one token
     return [token.lower() for token in tokens] if lowercase else tokens
 
 
