@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--output", default=None, help="output folder (default CHECKPOINT/eval_TASK)")
+    parser.add_argument("--scorer", choices=["python", "official"], default="python",
+                        help="caption metrics: python (no Java, equal to pycocoevalcap) or official "
+                             "(pycocoevalcap with Java; adds METEOR): pip install 'vlmoe[coco]'")
     parser.add_argument("--allow-skips", action="store_true",
                         help="exit 0 even if the data pipeline skipped samples (corrupt images, missing text)")
     args = parser.parse_args(argv)
@@ -40,7 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--checkpoint {args.checkpoint!r} is not a folder")
     model = VLMoEForConditionalGeneration.from_pretrained(args.checkpoint)
     processor = VLMoEProcessor.from_pretrained(args.checkpoint)
-    options = EvalOptions(args.batch_size, args.num_beams, args.max_new_tokens, args.limit, args.num_workers)
+    options = EvalOptions(args.batch_size, args.num_beams, args.max_new_tokens, args.limit, args.num_workers,
+                          scorer=args.scorer)
     output = args.output or os.path.join(args.checkpoint, f"eval_{args.task}")
     metrics = evaluate(model, processor, args.data, args.task, output, options)
     if metrics:

@@ -74,9 +74,14 @@ def _read(path: str | os.PathLike[str], field: str) -> list[dict[str, Any]]:
 
 
 def load_caption_references(path: str | os.PathLike[str]) -> dict[ImageId, list[str]]:
-    """``image_id -> captions`` from a COCO-style caption file (images without captions kept, empty)."""
+    """``image_id -> captions`` from a COCO-style caption file (images without captions kept, empty), or from
+    ``{image_id: [captions]}`` (JSON keys are strings: all-digit keys become int ids)."""
     refs: dict[ImageId, list[str]] = {}
     data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if isinstance(data, dict) and "annotations" not in data:
+        if not all(isinstance(v, list) and all(isinstance(c, str) for c in v) for v in data.values()):
+            raise ValueError(f"{os.fspath(path)!r} is neither COCO captions nor {{image_id: [captions]}}")
+        return {(int(k) if k.isascii() and k.isdigit() else k): list(v) for k, v in data.items()}
     for image in data.get("images", []):
         refs.setdefault(image["id"], [])
     for ann in _read(path, "annotations"):

@@ -61,6 +61,7 @@ __all__ = [
     "ptb_tokenize",
     "coco_tokenize",
     "normalize_caption",
+    "caption_exact_match",
     "bleu_stats",
     "corpus_bleu",
     "rouge_l",
@@ -541,14 +542,15 @@ class CaptionExactMatch(GatheredStateMetric):
 
     def update(self, preds: Sequence[str], targets: Sequence[str | Sequence[str]]) -> None:
         refs = _check_inputs(preds, targets)
-        self.matches += sum(_caption_exact_match(p, rs) for p, rs in zip(preds, refs))
+        self.matches += sum(caption_exact_match(p, rs) for p, rs in zip(preds, refs))
         self.total += len(refs)
 
     def compute(self) -> Tensor:
         return self.matches.double() / self.total.clamp(min=1)
 
 
-def _caption_exact_match(pred: str, refs: Sequence[str]) -> bool:
+def caption_exact_match(pred: str, refs: Sequence[str]) -> bool:
+    """The caption equals one of its references after ``normalize_caption`` (lowercase, no punctuation)."""
     return normalize_caption(pred) in {normalize_caption(r) for r in refs}
 
 
@@ -569,7 +571,7 @@ class CaptionMetrics(_CaptionMetric):
         cands, refs = self._tokenized(preds, raw_refs)
         self.candidates.extend(cands)
         self.references.extend(refs)
-        self.exact.extend(_caption_exact_match(p, rs) for p, rs in zip(preds, raw_refs))
+        self.exact.extend(caption_exact_match(p, rs) for p, rs in zip(preds, raw_refs))
 
     def compute(self) -> dict[str, Tensor]:
         cands, refs = self.candidates, self.references

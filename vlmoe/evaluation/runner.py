@@ -32,9 +32,11 @@ from tqdm.auto import tqdm
 
 from ..data import SKIP_REASONS, DataSource, SampleLoader, build_loader
 from ..tasks import GenerationCollate
-from .caption_metrics import compute_caption_metrics, normalize_caption
+from ..data.references import VQAReference
+from .caption_metrics import caption_exact_match
 from .routing import RoutingSummary, denormalize, patch_experts, plot_load_heatmap, plot_patch_experts
-from .vqa_metrics import compute_vqa_metrics, vqa_accuracy
+from .score import score_captions, score_vqa, unique_predictions
+from .vqa_metrics import vqa_accuracy
 
 
 @dataclass
@@ -45,6 +47,7 @@ class EvalOptions:
     limit: int | None = None
     num_workers: int = 1
     num_pictures: int = 4
+    scorer: str = "python"  # caption metrics: "python" (no Java) or "official" (pycocoevalcap, adds METEOR)
 
 
 def _prediction_record(task: str, record: dict) -> dict:
@@ -57,20 +60,27 @@ def _prediction_record(task: str, record: dict) -> dict:
 def _sample_record(task: str, sample, text: str) -> dict:
     record = {"key": sample.key, "image_id": sample.image_id, "prediction": text}
     if task == "caption":
-        refs = {normalize_caption(c) for c in sample.captions}
-        return {**record, "references": sample.captions, "exact_match": normalize_caption(text) in refs}
+        return {**record, "references": sample.captions, "exact_match": caption_exact_match(text, sample.captions)}
     return {
         **record, "question_id": sample.question_id, "question": sample.question, "question_type": sample.question_type,
-        "answers": sample.answers, "vqa_accuracy": vqa_accuracy(text, sample.answers),
+        "answer_type": sample.meta.get("answer_type"), "answers": sample.answers,
+        "vqa_accuracy": vqa_accuracy(text, sample.answers),
     }
 
 
-def compute_metrics(task: str, records: list[dict]) -> dict:
-    preds = [r["prediction"] for r in records]
+def compute_metrics(task: str, records: list[dict], scorer: str = "python") -> dict:
+    """Score per-sample records with ``vlmoe.evaluation.score`` (the code of ``python -m vlmoe.evaluation.score``);
+    an id evaluated twice is an error naming it."""
+    id_field = "image_id" if task == "caption" else "question_id"
+    predictions = unique_predictions([(r[id_field], r["prediction"]) for r in records], id_field)
     if task == "caption":
-        return compute_caption_metrics(preds, [r["references"] for r in records])
-    types = [r["question_type"] for r in records]
-    return compute_vqa_metrics(preds, [r["answers"] for r in records], types if all(types) else None)
+        return score_captions(predictions, {r["image_id"]: r["references"] for r in records}, scorer)
+    references = {
+        r["question_id"]: VQAReference(r["question_id"], r["image_id"], r["question"], r["answers"],
+                                       r["question_type"], r["answer_type"])
+        for r in records
+    }
+    return score_vqa(predictions, references)
 
 
 @torch.no_grad()
@@ -102,7 +112,7 @@ def evaluate(
         return {}
     for other in summaries[1:]:
         summaries[0].merge(other)
-    metrics = compute_metrics(task, records)
+    metrics = compute_metrics(task, records, options.scorer)
     # With a limit every process reads the same samples (``_batches``): count one process's skips.
     metrics["num_skipped"] = _skip_counts(skipped[:1] if options.limit is not None else skipped)
     metrics["images_per_s"] = round(len(records) / max(elapsed, 1e-9), 3)

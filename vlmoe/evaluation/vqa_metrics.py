@@ -19,10 +19,12 @@ Notable choices:
   ``count`` argument, so at most 32 periods are deleted - both reproduced).
 - ``process_digit_article``: lowercase, split on whitespace, number words "none"/"zero".."ten" -> digits, drop
   articles a/an/the, then the official contractions table (e.g. "dont" -> "don't"), join with single spaces.
-- Exact match (our addition): the fully normalised prediction (always normalised, unlike the accuracy quirk)
+- ``exact_match`` (our addition, not an official VQA number: *majority-answer match*): the fully normalised prediction (always normalised, unlike the accuracy quirk)
   equals the most common fully normalised human answer (ties: the one that occurs first), i.e. VQAv2's
   ``multiple_choice_answer`` convention.
-- Per-question-type breakdown: mean accuracy over the questions of each type, when types are given.
+- Breakdowns as the official ``accPerQuestionType`` / ``accPerAnswerType``: mean accuracy over the questions of
+  each question type (``vqa_accuracy_by_type``) and each answer type (``vqa_accuracy_by_answer_type``), counting
+  only the questions that have a type; absent when no question has one.
 - Per-question scores are Python floats kept in gathered object states; means use ``math.fsum``, so results are
   identical on any number of processes (the official script sums sequentially; differences are in the last bit).
 """
@@ -150,14 +152,16 @@ def vqa_exact_match(pred: str, answers: str | Sequence[str]) -> float:
 
 
 def _check_inputs(
-    preds: Sequence[str], targets: Sequence[str | Sequence[str]], question_types: Sequence[str] | None
+    preds: Sequence[str], targets: Sequence[str | Sequence[str]], question_types: Sequence[str | None] | None,
+    answer_types: Sequence[str | None] | None = None,
 ) -> None:
     if isinstance(preds, str):
         raise TypeError("preds must be a sequence of answers, not a single string")
     if len(preds) != len(targets):
         raise ValueError(f"preds and targets differ in length: {len(preds)} != {len(targets)}")
-    if question_types is not None and len(question_types) != len(preds):
-        raise ValueError(f"question_types has length {len(question_types)}, expected {len(preds)}")
+    for name, types in (("question_types", question_types), ("answer_types", answer_types)):
+        if types is not None and len(types) != len(preds):
+            raise ValueError(f"{name} has length {len(types)}, expected {len(preds)}")
 
 
 class _VQAMetric(GatheredStateMetric):
@@ -170,23 +174,28 @@ class _VQAMetric(GatheredStateMetric):
         self.add_object_state("accuracy")
         self.add_object_state("exact")
         self.add_object_state("types")
+        self.add_object_state("answer_types")
 
     def update(
         self,
         preds: Sequence[str],
         targets: Sequence[str | Sequence[str]],
-        question_types: Sequence[str] | None = None,
+        question_types: Sequence[str | None] | None = None,
+        answer_types: Sequence[str | None] | None = None,
     ) -> None:
-        """``targets[i]``: the human answers of question i (usually 10); ``question_types[i]``: its type."""
-        _check_inputs(preds, targets, question_types)
+        """``targets[i]``: the human answers of question i (usually 10); ``question_types[i]`` and
+        ``answer_types[i]``: its types (None or "" where it has none)."""
+        _check_inputs(preds, targets, question_types, answer_types)
         self.accuracy.extend(vqa_accuracy(p, t) for p, t in zip(preds, targets))
         self.exact.extend(vqa_exact_match(p, t) for p, t in zip(preds, targets))
         self.types.extend(question_types if question_types is not None else [None] * len(preds))
+        self.answer_types.extend(answer_types if answer_types is not None else [None] * len(preds))
 
-    def _by_type(self) -> dict[str, float]:
+    def _by_type(self, types: Sequence[str | None]) -> dict[str, float]:
+        """Mean accuracy per type, over the questions that have one (as the official perQuestionType)."""
         groups: dict[str, list[float]] = {}
-        for qtype, acc in zip(self.types, self.accuracy):
-            if qtype is not None:
+        for qtype, acc in zip(types, self.accuracy):
+            if qtype:
                 groups.setdefault(qtype, []).append(acc)
         return {qtype: fsum_mean(groups[qtype]) for qtype in sorted(groups, key=str)}
 
@@ -207,8 +216,8 @@ class VQAExactMatch(_VQAMetric):
 
 class VQAMetrics(_VQAMetric):
     """All VQA metrics; ``compute`` returns the ``metrics.json`` keys as tensors: ``vqa_accuracy``,
-    ``exact_match`` (float64), ``num_questions`` (int64) and, when question types were given,
-    ``vqa_accuracy_by_type`` ({type: float64 tensor})."""
+    ``exact_match`` (majority-answer match, float64), ``num_questions`` (int64) and, when some questions have
+    types, ``vqa_accuracy_by_type`` / ``vqa_accuracy_by_answer_type`` ({type: float64 tensor})."""
 
     def compute(self) -> dict[str, Tensor | dict[str, Tensor]]:
         out: dict[str, Tensor | dict[str, Tensor]] = {
@@ -216,19 +225,22 @@ class VQAMetrics(_VQAMetric):
             "exact_match": torch.tensor(fsum_mean(self.exact), dtype=torch.float64),
             "num_questions": torch.tensor(len(self.accuracy), dtype=torch.int64),
         }
-        by_type = self._by_type()
-        if by_type:
-            out["vqa_accuracy_by_type"] = {k: torch.tensor(v, dtype=torch.float64) for k, v in by_type.items()}
+        for key, types in (("vqa_accuracy_by_type", self.types), ("vqa_accuracy_by_answer_type", self.answer_types)):
+            by_type = self._by_type(types)
+            if by_type:
+                out[key] = {k: torch.tensor(v, dtype=torch.float64) for k, v in by_type.items()}
         return out
 
 
 def compute_vqa_metrics(
     preds: Sequence[str],
     targets: Sequence[str | Sequence[str]],
-    question_types: Sequence[str] | None = None,
+    question_types: Sequence[str | None] | None = None,
+    answer_types: Sequence[str | None] | None = None,
 ) -> dict[str, float | int | dict[str, float]]:
     """VQA ``metrics.json`` dict for local data (never syncs across processes): ``vqa_accuracy``,
-    ``exact_match`` (fractions), ``num_questions``, and ``vqa_accuracy_by_type`` when types are given."""
+    ``exact_match`` (fractions), ``num_questions``, and ``vqa_accuracy_by_type`` (question type) /
+    ``vqa_accuracy_by_answer_type`` when some questions have types."""
     metric = VQAMetrics(sync_on_compute=False)
-    metric.update(preds, targets, question_types)
+    metric.update(preds, targets, question_types, answer_types)
     return to_json_dict(metric.compute())
