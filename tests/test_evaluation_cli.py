@@ -9,6 +9,7 @@ answers to check metric values exactly.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import math
@@ -32,6 +33,7 @@ from vlmoe.data import SKIP_REASONS, DataSource, build_dataset, open_image
 from vlmoe.evaluation import compute_caption_metrics, compute_vqa_metrics
 from vlmoe.evaluation import runner
 from vlmoe.evaluation.runner import EvalOptions, evaluate
+from vlmoe.evaluation.score import main as score_main
 from vlmoe.evaluation.summary import main as summary_main
 from vlmoe.tasks import GenerationCollate
 
@@ -41,7 +43,8 @@ ID = {"vqa": "question_id", "caption": "image_id"}
 TEXT = {"vqa": "answer", "caption": "caption"}
 NUM = {"vqa": "num_questions", "caption": "num_images"}
 METRIC_KEYS = {
-    "vqa": {"vqa_accuracy", "exact_match", "num_questions", "vqa_accuracy_by_type", "images_per_s", "num_skipped"},
+    "vqa": {"vqa_accuracy", "exact_match", "num_questions", "vqa_accuracy_by_type", "vqa_accuracy_by_answer_type",
+            "images_per_s", "num_skipped"},
     "caption": {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider_d", "exact_match", "num_images",
                 "images_per_s", "num_skipped"},
 }
@@ -216,7 +219,8 @@ def check_run(task: str, output: str, evaluated: list) -> dict:
 
     preds = [r["prediction"] for r in samples]
     if task == "vqa":
-        again = compute_vqa_metrics(preds, [r["answers"] for r in samples], [r["question_type"] for r in samples])
+        again = compute_vqa_metrics(preds, [r["answers"] for r in samples], [r["question_type"] for r in samples],
+                                    [r["answer_type"] for r in samples])
     else:
         again = compute_caption_metrics(preds, [r["references"] for r in samples])
     assert again == {k: v for k, v in metrics.items() if k not in ("images_per_s", "num_skipped")}
@@ -285,16 +289,31 @@ def test_eval_scores_known_predictions_exactly(task, checkpoint, shapes, test_sa
     assert metrics[NUM[task]] == len(samples)
     if task == "vqa":  # 10 equal reference answers: accuracy 1 or 0 per question
         assert metrics["vqa_accuracy"] == pytest.approx(sum(right) / len(right), abs=1e-6)
-        per_type = defaultdict(list)
+        per_type, per_answer_type = defaultdict(list), defaultdict(list)
         for sample, ok in zip(samples, right):
             per_type[sample.question_type].append(ok)
+            per_answer_type[sample.meta["answer_type"]].append(ok)
         assert metrics["vqa_accuracy_by_type"] == pytest.approx({t: sum(v) / len(v) for t, v in per_type.items()},
                                                                 abs=1e-6)
+        assert metrics["vqa_accuracy_by_answer_type"] == pytest.approx(
+            {t: sum(v) / len(v) for t, v in per_answer_type.items()}, abs=1e-6)
     else:
         assert 0 < metrics["bleu_4"] < 1 and 0 < metrics["rouge_l"] < 1 and metrics["cider_d"] > 0
     predictions = {p[ID[task]]: p[TEXT[task]] for p in read_json(tmp_path / "predictions.json")}
     assert predictions == {sample_id(task, s): oracle(s) for s in samples}
     assert not pending
+    # predictions.json scores as a results file against the set's reference files, to eval.py's figures, and
+    # carries the dataset's ids with their type (pycocotools' loadRes rejects ids the annotations lack)
+    refs = os.path.join(shapes, "refs")
+    files = ([f"{refs}/caption_test.json"] if task == "caption" else
+             ["--questions", f"{refs}/vqa_test_questions.json", f"{refs}/vqa_test_annotations.json"])
+    scored = score_main([task, "--predictions", str(tmp_path / "predictions.json"), "--annotations", files[-1],
+                         *files[:-1]])
+    assert scored == {k: v for k, v in metrics.items() if k not in ("num_skipped", "images_per_s")}
+    if task == "caption" and importlib.util.find_spec("pycocotools") is not None:
+        from pycocotools.coco import COCO
+
+        COCO(files[0]).loadRes(str(tmp_path / "predictions.json"))
 
 
 def test_eval_rejects_missing_checkpoint_and_data(checkpoint, shapes, tmp_path, capsys):

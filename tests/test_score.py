@@ -100,3 +100,13 @@ def test_official_scorer_adds_meteor_and_equals_the_default(tmp_path: Path) -> N
     assert 0.0 < official.pop("meteor") < 1.0
     official.pop("spice", None)
     assert official == pytest.approx(default, abs=1e-6)
+
+
+def test_eval_scores_records_through_the_same_strict_code() -> None:
+    """eval.py's records: a repeated image is an error naming it; scores equal the results-file scorer's."""
+    from vlmoe.evaluation.runner import compute_metrics
+
+    records = [{"image_id": i, "prediction": PREDS[i], "references": REFS[i]} for i in REFS]
+    assert compute_metrics("caption", records) == compute_caption_metrics(list(PREDS.values()), list(REFS.values()))
+    with pytest.raises(ValueError, match="duplicate image_id in predictions: 2"):
+        compute_metrics("caption", [*records, records[1]])
