@@ -80,7 +80,7 @@ PTB_PUNCTUATIONS: frozenset[str] = frozenset(
 )
 
 # ----------------------------------------------------------------------------------------------------------------
-# PTB lexer approximation. Each rule: (token regex, trailing-context regex or None, action). Like JFlex, the rule
+# PTB lexer (CoreNLP 3.4.1). Each rule: (token regex, trailing-context regex or None, action). Like JFlex, the rule
 # with the longest match (token + trailing context) wins and ties go to the earlier rule; the trailing context is
 # not consumed. An action maps the matched token text to the emitted tokens.
 # ----------------------------------------------------------------------------------------------------------------
@@ -450,7 +450,7 @@ def _check_inputs(preds: Sequence[str], targets: Sequence[str | Sequence[str]]) 
 
 
 class _CaptionMetric(GatheredStateMetric):
-    """Base: tokenises captions in ``update`` (COCO PTB approximation unless ``tokenize=False``)."""
+    """Base: tokenises captions in ``update`` (the COCO PTB tokenizer unless ``tokenize=False``)."""
 
     def __init__(self, tokenize: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -10,6 +10,8 @@ Notable choices:
   are counted by the pipeline itself (``SampleLoader.stats``), summed over processes and written to
   ``metrics.json`` as ``num_skipped`` by reason, next to ``num_images`` / ``num_questions``;
   ``eval_failure`` says when a run should not pass as a clean result.
+- Metrics come from ``vlmoe.evaluation.score``, the code that scores any results file: a sample id evaluated
+  twice is an error naming it; ``EvalOptions.scorer = "official"`` runs pycocoevalcap (Java) for captions.
 - Files: ``metrics.json``, ``predictions.json`` in the official results format (COCO captions
   ``[{"image_id", "caption"}]``, VQA ``[{"question_id", "answer"}]``), ``samples.jsonl`` for
   error analysis, ``routing.json``, ``routing_load.png`` and ``routing_patches.png``.
