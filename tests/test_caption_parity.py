@@ -53,7 +53,8 @@ OBJECTS = [
     "a couch.", "the bed", "a red frisbee!", "a grey wall?", "the kerb.", "the curb", "a colour TV;",
     "the centre of the room:", "a table at 5 p.m", "a table at 5 p.m.", "a <b>bold</b> sign", "#hashtag sign",
     "@user's phone", "a 4x4 truck", "a 1/2 sandwich", "a 3*4 grid", "a sign (that says 'open')", "the U.K.",
-    "a pizza... yum", "a box [sic]", "a hot-dog stand", "the 9/11 memorial", "an ol' barn", "a plate of spaghetti & meatballs",
+    "a pizza... yum", "a box [sic]", "a hot-dog stand", "the 9/11 memorial", "an ol' barn",
+    "a plate of spaghetti & meatballs",
     "the sea - calm", "some snow -- lots", "a $1.50 coffee", "a 20-30 year old man", "a street in São Paulo",
     "a crêpe", "a piñata", "them!!", "the www.example.com site", "3:45 clock", "a 24/7 store", "a U-turn",
     "a dvd/cd player", "a grey/black cat", "the pitcher’s mound", "a ~5 ft tall statue", "a no. 5 jersey",
@@ -115,7 +116,8 @@ def test_per_image_scores_equal_pycocoevalcap(caption_set) -> None:
     preds, refs, _, _, _, official = caption_set
     cands = [coco_tokenize(p) for p in preds]
     tokenized_refs = [[coco_tokenize(r) for r in rs] for rs in refs]
-    ours = {"rouge_l": [rouge_l(c, rs) for c, rs in zip(cands, tokenized_refs)], "cider_d": cider_d(cands, tokenized_refs)}
+    ours = {"rouge_l": [rouge_l(c, rs) for c, rs in zip(cands, tokenized_refs)],
+            "cider_d": cider_d(cands, tokenized_refs)}
     bleus = [corpus_bleu([bleu_stats(c, rs)]) for c, rs in zip(cands, tokenized_refs)]
     ours.update({f"bleu_{k + 1}": [b[k] for b in bleus] for k in range(4)})
     for key, values in official.items():

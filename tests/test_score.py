@@ -69,8 +69,9 @@ def _vqa_files(tmp_path: Path, answers: dict[int, str]) -> list[str]:
         VQAReference(13, 2, "what?", ["ball"] * 2 + ["toy"] * 8),  # no types
     ]
     questions, annotations = vqa_references(refs)
-    return ["vqa", "--predictions", _write(tmp_path / "r.json", [{"question_id": q, "answer": a} for q, a in answers.items()]),
-            "--questions", _write(tmp_path / "q.json", questions), "--annotations", _write(tmp_path / "a.json", annotations)]
+    results = [{"question_id": q, "answer": a} for q, a in answers.items()]
+    return ["vqa", "--predictions", _write(tmp_path / "r.json", results), "--questions",
+            _write(tmp_path / "q.json", questions), "--annotations", _write(tmp_path / "a.json", annotations)]
 
 
 def test_vqa_scores_with_breakdowns_over_typed_questions(tmp_path: Path) -> None:

@@ -93,7 +93,8 @@ def official_caption_metrics(preds: Sequence[str], refs: Sequence[Sequence[str]]
     """pycocoevalcap's own tokenizer and scorers (Java): the ``metrics.json`` caption keys plus ``meteor``
     (and ``spice`` when its jar and models are present)."""
     if shutil.which("java") is None:
-        raise RuntimeError("--scorer official runs pycocoevalcap's Java tools: install Java (e.g. default-jre-headless)")
+        raise RuntimeError("--scorer official runs pycocoevalcap's Java tools: install Java "
+                           "(e.g. apt-get install default-jre-headless)")
     try:
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider

@@ -19,9 +19,9 @@ Notable choices:
   ``count`` argument, so at most 32 periods are deleted - both reproduced).
 - ``process_digit_article``: lowercase, split on whitespace, number words "none"/"zero".."ten" -> digits, drop
   articles a/an/the, then the official contractions table (e.g. "dont" -> "don't"), join with single spaces.
-- ``exact_match`` (our addition, not an official VQA number: *majority-answer match*): the fully normalised prediction (always normalised, unlike the accuracy quirk)
-  equals the most common fully normalised human answer (ties: the one that occurs first), i.e. VQAv2's
-  ``multiple_choice_answer`` convention.
+- ``exact_match`` (our addition, not an official VQA number; a *majority-answer match*): the fully normalised
+  prediction (always normalised, unlike the accuracy quirk) equals the most common fully normalised human answer
+  (ties: the one that occurs first), i.e. VQAv2's ``multiple_choice_answer`` convention.
 - Breakdowns as the official ``accPerQuestionType`` / ``accPerAnswerType``: mean accuracy over the questions of
   each question type (``vqa_accuracy_by_type``) and each answer type (``vqa_accuracy_by_answer_type``), counting
   only the questions that have a type; absent when no question has one.
