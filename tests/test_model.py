@@ -249,7 +249,7 @@ def test_building_twice_from_one_config_loads_the_pretrained_towers_both_times(t
     for model in (first, second):
         decoder = model.language_model.state_dict()
         assert all(torch.equal(decoder[k], v) for k, v in pretrained.items()), "decoder not loaded from llama_dir"
-        assert torch.equal(model.vision.vit.pos_embed, torch.load(vit_file)["pos_embed"])
+        assert torch.equal(model.vision.vit.pos_embed, torch.load(vit_file, weights_only=True)["pos_embed"])
         assert model.config.decoder.pretrained_path is None and model.config.vision.pretrained_file is None
     assert first.config.to_dict() == second.config.to_dict()
 
