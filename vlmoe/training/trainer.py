@@ -325,7 +325,7 @@ class Trainer:
                 finite = finite and bool(acc.gather(torch.isfinite(loss.detach()).float().view(1)).min() > 0)
                 if finite:
                     # divided by grad_accum (DeepSpeed: by its engine): aux and z-losses (and the
-                    # words and pixel losses) stay means of per-micro-batch means
+                    # pixel loss) stay means of per-micro-batch means
                     acc.backward(loss)
             routing = out.routing
         if finite:
