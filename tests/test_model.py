@@ -73,8 +73,25 @@ def test_forward_backward_and_loss_covers_targets_only(tokenizer):
         torch.testing.assert_close(record.output.load[present].sum(-1), torch.ones(int(present.sum())))
 
 
-def test_generate_with_cache_equals_uncached_greedy(tokenizer):
-    model, processor = build(tokenizer)
+SLOT_PROMPT = "Question: {question} {image} Answer:"
+
+
+def test_image_slot_puts_the_image_tokens_where_the_prompt_says(tokenizer):
+    _, processor = build(tokenizer, vqa_prompt=SLOT_PROMPT)
+    batch = processor.training_batch(images(1), [processor.prompt("what color?")], ["red"])
+    ids = lambda text: processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    question, image = ids("Question: what color?"), [processor.image_token_id] * processor.num_image_tokens
+    answer = ids(" red") + [processor.tokenizer.eos_token_id]
+    expected = [processor.tokenizer.bos_token_id] + question + image + ids("Answer:") + answer
+    assert batch["input_ids"][0].tolist() == expected
+    assert batch["labels"][0].tolist() == [-100] * (len(expected) - len(answer)) + answer
+    caption = processor.generation_batch(images(1), [processor.prompt()])  # no slot: the image comes first
+    assert caption["input_ids"][0, 1 : 1 + len(image)].tolist() == image
+
+
+@pytest.mark.parametrize("template", ["default", "slot"])
+def test_generate_with_cache_equals_uncached_greedy(tokenizer, template):
+    model, processor = build(tokenizer, **({"vqa_prompt": SLOT_PROMPT} if template == "slot" else {}))
     batch = processor.generation_batch(images(3), [processor.prompt(), processor.prompt("what color?"), processor.prompt()])
     generated = model.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=True, min_new_tokens=6)
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -277,6 +294,8 @@ def test_parameter_counts_dense_model_active_equals_total(tokenizer):
         ({"vision": {**VISION, "img_size": 40, "patch_size": None, "mlp_ratio": 2.0, "moe_every": 1}},
          "vision.img_size=40 is not a multiple of the patch .vision.patch_size=16"),
         ({"decoder": {"text_config": {**TEXT, "hiden_size": 32}, "moe_every": 1}}, "hiden_size.*did you mean 'hidden_size'"),
+        ({"vqa_prompt": "Q: {image} {question} {image}"}, r"vqa_prompt .*\{image\} may appear once"),
+        ({"vqa_prompt": "Question: {image} Answer:"}, r"vqa_prompt .* must contain \{question\}"),
     ],
 )
 def test_clear_errors(tokenizer, overrides, match):

@@ -5,6 +5,9 @@ Notable choices:
   ``VLMoEConfig.vision`` (size, mean, std, interpolation, crop), so training, evaluation and the
   caption script see identical pixels, and a saved model carries its own settings.
 - A sequence is ``[bos] [image] * P  prompt  target [eos]``; labels cover ``target [eos]`` only.
+  A prompt template may place the image itself with ``{image}`` (``config.IMAGE_SLOT``), e.g.
+  ``"Question: {question} {image} Answer:"``: the image tokens then follow the question, and,
+  the decoder being causal, each of them can look at what is asked about it.
   Training batches pad on the right; generation batches pad on the left, so every prompt ends
   where generation starts.
 - A from-scratch decoder gets a byte-level BPE tokenizer trained with the ``tokenizers`` library
@@ -24,7 +27,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from .model.config import VLMoEConfig
+from .model.config import IMAGE_SLOT, VLMoEConfig
 from .model.modeling import VLMoEForConditionalGeneration
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -61,16 +64,21 @@ class VLMoEProcessor:
     # --- text ----------------------------------------------------------------------------
 
     def prompt(self, question: str | None = None) -> str:
-        """The prompt for captioning (no question) or VQA."""
+        """The prompt for captioning (no question) or VQA; it keeps the template's ``{image}`` slot, if any."""
         if question is None:
             return self.config.caption_prompt
-        return self.config.vqa_prompt.format(question=question)
+        return self.config.vqa_prompt.replace("{question}", question)
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _prefix(self, prompt: str) -> list[int]:
-        return [self.tokenizer.bos_token_id] + [self.image_token_id] * self.num_image_tokens + self._ids(prompt)
+        """``[bos]``, the image tokens where the prompt's ``{image}`` slot is (first without one), the prompt."""
+        before, slot, after = prompt.partition(IMAGE_SLOT)
+        if not slot:
+            before, after = "", prompt
+        image = [self.image_token_id] * self.num_image_tokens
+        return [self.tokenizer.bos_token_id] + self._ids(before.strip()) + image + self._ids(after.strip())
 
     # --- images --------------------------------------------------------------------------
 

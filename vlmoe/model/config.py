@@ -25,6 +25,7 @@ from ..moe import MoEConfig
 
 CAPTION_PROMPT = "Caption:"
 VQA_PROMPT = "Question: {question} Answer:"
+IMAGE_SLOT = "{image}"  # where a prompt template puts the image tokens; without it they come first
 
 
 def moe_layer_indices(num_layers: int, moe_layers: list[int] | None, moe_every: int, where: str) -> list[int]:
@@ -233,6 +234,15 @@ def _as_part(name: str, value: Any):
     raise ValueError(f"{name} must be a {cls.__name__} or a dict, got {type(value).__name__}")
 
 
+def check_prompts(caption_prompt: str, vqa_prompt: str) -> None:
+    """Each template holds ``{image}`` at most once; the VQA one holds ``{question}``."""
+    for name, template in (("caption_prompt", caption_prompt), ("vqa_prompt", vqa_prompt)):
+        if template.count(IMAGE_SLOT) > 1:
+            raise ValueError(f"{name} {template!r}: {IMAGE_SLOT} may appear once (where the image tokens go)")
+    if "{question}" not in vqa_prompt:
+        raise ValueError(f"vqa_prompt {vqa_prompt!r} must contain {{question}}")
+
+
 class VLMoEConfig(PreTrainedConfig):
     """The whole vision-language MoE model.
 
@@ -240,7 +250,8 @@ class VLMoEConfig(PreTrainedConfig):
         vision, decoder, projector, moe: the parts (dataclasses; dicts are accepted).
         share_moe_layers: the i-th MoE layer of the ViT and of the decoder are one module.
         image_token: the placeholder token that marks image positions in ``input_ids``.
-        caption_prompt, vqa_prompt: prompt templates (``{question}`` is filled in for VQA).
+        caption_prompt, vqa_prompt: prompt templates (``{question}`` is filled in for VQA); ``{image}``
+            places the image tokens inside the prompt (default: before it).
         max_text_length: the longest prompt + target the processor makes.
         pixel_loss_weight: weight of the auxiliary loss in which each image token reconstructs its
             block of the image (``VLMoEForConditionalGeneration._pixel_loss``); 0 = off.
@@ -268,6 +279,7 @@ class VLMoEConfig(PreTrainedConfig):
             setattr(self, name, _as_part(name, getattr(self, name)))
         if self.share_moe_layers:
             check_shared_moe_layers(self.vision, self.decoder)
+        check_prompts(self.caption_prompt, self.vqa_prompt)
         if self.pixel_loss_weight < 0:
             raise ValueError(f"pixel_loss_weight must be >= 0, got {self.pixel_loss_weight}")
         if self.pixel_loss_size is not None and self.pixel_loss_size < 1:
