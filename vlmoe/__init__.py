@@ -1,5 +1,7 @@
 """vlmoe: vision-language models with modality-aware sparse Mixture-of-Experts layers."""
 
+from .auto import register_auto_classes
+from .image_processing import VLMoEImageProcessor
 from .model.config import DecoderConfig, ProjectorConfig, VisionConfig, VLMoEConfig
 from .model.modeling import VLMoEForConditionalGeneration, VLMoEOutput
 from .moe import MoEConfig, MoELayer
@@ -7,5 +9,7 @@ from .processing import VLMoEProcessor, build_model, train_tokenizer
 
 __all__ = [
     "DecoderConfig", "MoEConfig", "MoELayer", "ProjectorConfig", "VLMoEConfig", "VLMoEForConditionalGeneration",
-    "VLMoEOutput", "VLMoEProcessor", "VisionConfig", "build_model", "train_tokenizer",
+    "VLMoEImageProcessor", "VLMoEOutput", "VLMoEProcessor", "VisionConfig", "build_model", "train_tokenizer",
 ]
+
+register_auto_classes()  # the Auto classes and pipelines find vlmoe folders (vlmoe/auto.py)

@@ -1,9 +1,12 @@
 """Images and text to model inputs, and the tokenizer a from-scratch decoder starts with.
 
 Notable choices:
-- Images go through timm's eval transform with the preprocessing recorded in
-  ``VLMoEConfig.vision`` (size, mean, std, interpolation, crop), so training, evaluation and the
-  caption script see identical pixels, and a saved model carries its own settings.
+- ``VLMoEProcessor`` is a transformers ``ProcessorMixin``: an image processor (timm's eval
+  transform with the preprocessing recorded in ``VLMoEConfig.vision``: size, mean, std,
+  interpolation, crop; ``image_processing.py``) and the tokenizer, plus the prompt settings of the
+  config. Training, evaluation, the caption script and ``pipeline("image-text-to-text")`` see
+  identical pixels and token ids, and a saved processor carries its own settings; a folder saved
+  without one (before processors were saved) gets one made from its ``config.json``.
 - A sequence is ``[bos] [image] * P  prompt  target [eos]``; labels cover ``target [eos]`` only.
   A prompt template may place the image itself with ``{image}`` (``config.IMAGE_SLOT``), e.g.
   ``"Question: {question} {image} Answer:"``: the image tokens then follow the question, and,
@@ -20,14 +23,15 @@ import copy
 import os
 from typing import Iterable, Sequence
 
-import timm.data
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerFast, ProcessorMixin
+from transformers.utils import PROCESSOR_NAME
 
-from .model.config import IMAGE_SLOT, VLMoEConfig
+from .image_processing import VLMoEImageProcessor
+from .model.config import CAPTION_PROMPT, IMAGE_SLOT, VQA_PROMPT, VLMoEConfig, check_prompts
 from .model.modeling import VLMoEForConditionalGeneration
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -47,27 +51,53 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, image_token: s
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, extra_special_tokens={"image_token": image_token}, **SPECIAL_TOKENS)
 
 
-class VLMoEProcessor:
-    """Turns PIL images and prompts/targets into ``pixel_values``, ``input_ids``, ``attention_mask``, ``labels``."""
+class VLMoEProcessor(ProcessorMixin):
+    """Turns PIL images and prompts/targets into ``pixel_values``, ``input_ids``, ``attention_mask``, ``labels``.
 
-    def __init__(self, config: VLMoEConfig, tokenizer):
-        self.config = config
-        self.tokenizer = tokenizer
-        self.num_image_tokens = config.num_image_tokens
-        vision = config.vision
-        self.transform = timm.data.create_transform(
-            input_size=(3, vision.img_size, vision.img_size), interpolation=vision.interpolation,
-            mean=tuple(vision.image_mean), std=tuple(vision.image_std), crop_pct=vision.crop_pct, is_training=False,
+    A transformers processor: an image processor (timm's eval transform) and the tokenizer, plus the
+    prompt settings of the model's config; ``save_pretrained`` / ``from_pretrained`` /
+    ``AutoProcessor`` handle it like any other. ``processor(images=..., text=prompts)`` makes a
+    generation batch (what ``pipeline("image-text-to-text")`` calls).
+    """
+
+    def __init__(
+        self,
+        image_processor: VLMoEImageProcessor,
+        tokenizer,
+        num_image_tokens: int = 1,
+        image_token: str = "<image>",
+        caption_prompt: str = CAPTION_PROMPT,
+        vqa_prompt: str = VQA_PROMPT,
+        max_text_length: int = 64,
+        **kwargs,
+    ):
+        super().__init__(image_processor, tokenizer, **kwargs)
+        check_prompts(caption_prompt, vqa_prompt)
+        self.num_image_tokens = num_image_tokens
+        self.image_token = image_token
+        self.caption_prompt = caption_prompt
+        self.vqa_prompt = vqa_prompt
+        self.max_text_length = max_text_length
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        # Batches that transformers pads itself (a pipeline with batch_size) are generation batches.
+        tokenizer.padding_side = "left"
+
+    @classmethod
+    def from_config(cls, config: VLMoEConfig, tokenizer) -> "VLMoEProcessor":
+        """The processor of a built model: image settings and prompts from its (resolved) config."""
+        return cls(
+            VLMoEImageProcessor.from_vision_config(config.vision), tokenizer, num_image_tokens=config.num_image_tokens,
+            image_token=config.image_token, caption_prompt=config.caption_prompt, vqa_prompt=config.vqa_prompt,
+            max_text_length=config.max_text_length,
         )
-        self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
 
     # --- text ----------------------------------------------------------------------------
 
     def prompt(self, question: str | None = None) -> str:
         """The prompt for captioning (no question) or VQA; it keeps the template's ``{image}`` slot, if any."""
         if question is None:
-            return self.config.caption_prompt
-        return self.config.vqa_prompt.replace("{question}", question)
+            return self.caption_prompt
+        return self.vqa_prompt.replace("{question}", question)
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -83,9 +113,24 @@ class VLMoEProcessor:
     # --- images --------------------------------------------------------------------------
 
     def pixel_values(self, images: Sequence[Image.Image]) -> Tensor:
-        return torch.stack([self.transform(image.convert("RGB")) for image in images])  # (B, 3, H, W)
+        return self.image_processor.pixel_values(images)  # (B, 3, H, W)
 
     # --- batches -------------------------------------------------------------------------
+
+    def __call__(
+        self, images: Image.Image | Sequence[Image.Image] | None = None, text: str | Sequence[str] | None = None,
+        return_tensors: str | None = "pt", **kwargs,
+    ) -> BatchFeature:
+        """A generation batch: one prompt per image (``prompt()`` / ``prompt(question)`` make them;
+        ``None``: captions). Other tokenizer options (``padding``) do not apply: prompts are
+        always left-padded to the longest."""
+        if images is None:
+            raise ValueError("VLMoEProcessor needs images: every prompt holds the image tokens of its image")
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        prompts = [self.prompt()] * len(images) if text is None else [text] if isinstance(text, str) else list(text)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} image(s) and {len(prompts)} prompt(s): give one prompt per image")
+        return BatchFeature(self.generation_batch(images, prompts), tensor_type=return_tensors)
 
     def training_batch(self, images: Sequence[Image.Image], prompts: Sequence[str], targets: Sequence[str]) -> dict[str, Tensor]:
         """Right-padded inputs with labels on the targets (and eos) only."""
@@ -93,7 +138,7 @@ class VLMoEProcessor:
         for prompt, target in zip(prompts, targets):
             prefix = self._prefix(prompt)
             answer = self._ids(" " + target.strip()) + [self.tokenizer.eos_token_id]
-            ids = (prefix + answer)[: 1 + self.num_image_tokens + self.config.max_text_length]
+            ids = (prefix + answer)[: 1 + self.num_image_tokens + self.max_text_length]
             rows.append(ids)
             label_rows.append(([-100] * len(prefix) + answer)[: len(ids)])
         batch = self._pad(rows, "right")
@@ -124,15 +169,16 @@ class VLMoEProcessor:
 
     # --- persistence ---------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """The tokenizer; the image settings live in the model's ``config.json``."""
-        self.tokenizer.save_pretrained(directory)
-
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "VLMoEProcessor":
+    def from_pretrained(cls, directory: str | os.PathLike, **kwargs) -> "VLMoEProcessor":
+        """A saved processor; a folder saved before processors were (config and tokenizer only)
+        gets one made from its ``config.json``."""
+        kwargs.setdefault("local_files_only", True)
+        if os.path.isfile(os.path.join(directory, PROCESSOR_NAME)):
+            return super().from_pretrained(directory, **kwargs)
         config = VLMoEConfig.from_pretrained(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory, config=config.get_text_config(), local_files_only=True)
-        return cls(config, tokenizer)
+        return cls.from_config(config, tokenizer)
 
 
 def prepare_tokenizer(config: VLMoEConfig, tokenizer=None):
@@ -172,4 +218,4 @@ def build_model(config: VLMoEConfig, tokenizer=None) -> tuple[VLMoEForConditiona
     generation = model.generation_config
     generation.bos_token_id, generation.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     generation.pad_token_id = tokenizer.pad_token_id
-    return model, VLMoEProcessor(model.config, tokenizer)
+    return model, VLMoEProcessor.from_config(model.config, tokenizer)
