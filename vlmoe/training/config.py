@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..data import DataSource
+from ..lora import LoRAConfig
 from ..model.config import (
     CAPTION_PROMPT, VQA_PROMPT, DecoderConfig, ProjectorConfig, VisionConfig, VLMoEConfig,
 )
@@ -149,6 +150,7 @@ class TrainConfig:
     max_nonfinite: consecutive non-finite losses tolerated (each skips its step) before stopping.
     overwrite: start afresh in a run folder that is not empty, deleting what it holds (without
         it, a fresh run refuses such a folder; ``--resume`` continues the run in it).
+    lora: train LoRA adapters (``lora.rank > 0``; ``vlmoe/lora.py``) instead of every weight.
     """
 
     name: str = "run"
@@ -167,6 +169,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_nonfinite: int = 5
     overwrite: bool = False
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:

@@ -6,6 +6,7 @@ Notable choices:
   group has its own learning-rate multiplier and can be frozen.
 - No weight decay on norms, biases (anything 1-D), routers, and the ViT's position embeddings
   and prefix tokens (timm's ``no_weight_decay()``).
+- Under LoRA (a PEFT-wrapped model) names lose PEFT's prefix and the frozen base is left out.
 - Warmup then cosine decay to ``lr * min_lr_ratio`` (transformers' schedule).
 """
 
@@ -18,7 +19,11 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from .config import PARAM_GROUPS, OptimConfig
 
 
+PEFT_PREFIX = "base_model.model."  # names inside a PeftModel (LoRA)
+
+
 def param_group_of(name: str) -> str:
+    name = name.removeprefix(PEFT_PREFIX)
     if ".router." in f".{name}":
         return "routers"
     if ".experts." in f".{name}" or ".shared_experts." in f".{name}":
@@ -31,12 +36,15 @@ def param_group_of(name: str) -> str:
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
-    no_decay_names = {f"vision.vit.{n}" for n in getattr(model.vision.vit, "no_weight_decay", lambda: set())()}
+    no_decay = getattr(model.vision.vit, "no_weight_decay", lambda: set())()
+    no_decay_names = {f"{prefix}vision.vit.{n}" for n in no_decay for prefix in ("", PEFT_PREFIX)}
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         group = param_group_of(name)
         if group in config.freeze:
             param.requires_grad_(False)
+            continue
+        if not param.requires_grad:  # frozen by LoRA: only the adapters train
             continue
         decay = param.ndim >= 2 and group != "routers" and name not in no_decay_names
         buckets.setdefault((group, decay), []).append(param)

@@ -18,6 +18,9 @@ Notable choices:
   ``--resume``; it never mixes two runs' checkpoints, logs or tokenizers. After a resume,
   ``metrics.jsonl`` is cut back to the checkpoint's step (a line torn by the kill is dropped with
   a warning) and TensorBoard hides the steps logged after the checkpoint (``purge_step``).
+- With ``train.lora.rank > 0`` the built model gets PEFT adapters and only they train; the model
+  they adapt is written once to ``runs/NAME/base``, ``final/`` holds the adapter alone, and
+  ``merged/`` the model with the adapter folded in (``vlmoe/lora.py``).
 - A non-finite loss on any process skips the whole step on every process (no update); more
   than ``max_nonfinite`` in a row stop the run, leaving the last good checkpoint as it was.
 """
@@ -42,6 +45,7 @@ from transformers import AutoTokenizer
 
 from ..data import SKIP_REASONS, build_dataset, build_loader, expand_shards
 from ..evaluation.vqa_metrics import vqa_exact_match
+from ..lora import BASE, attach_lora, merge_lora
 from ..model.modeling import RoutingRecord
 from ..processing import build_model, train_tokenizer
 from ..tasks import GenerationCollate, TrainingCollate, generate_from_batch
@@ -215,6 +219,8 @@ class Trainer:
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
                 f.write(config_to_yaml(config))
         model, self.processor = build_model(config.model.to_vlmoe_config(), tokenizer)
+        if train.lora.enabled:
+            model = self._attach_lora(model)
         optimizer = build_optimizer(model, config.optim)
         scheduler = build_scheduler(optimizer, config.optim, train.steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
@@ -222,6 +228,18 @@ class Trainer:
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         if checkpoint is not None:
             self._resume(checkpoint)
+
+    def _attach_lora(self, model):
+        """Adapters on ``model``, which is saved to ``runs/NAME/base`` first (the adapter alone does not
+        run; a resumed run rebuilds the same model from the seed, so it is written once)."""
+        base = os.path.join(self.run_dir, BASE)
+        if self.accelerator.is_main_process and not os.path.isdir(base):
+            model.save_pretrained(base)
+            self.processor.save_pretrained(base)
+        self.accelerator.wait_for_everyone()
+        model = attach_lora(model, self.config.train.lora)
+        model.peft_config["default"].base_model_name_or_path = os.path.abspath(base)
+        return model
 
     @property
     def unwrapped(self):
@@ -434,8 +452,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         state_dict = self.accelerator.get_state_dict(self.model)  # every rank: gathers FSDP / ZeRO shards
         if self.accelerator.is_main_process:
-            self.unwrapped.save_pretrained(final, state_dict=state_dict)
+            self.unwrapped.save_pretrained(final, state_dict=state_dict)  # LoRA: the adapter alone
             self.processor.save_pretrained(final)
+            if self.config.train.lora.enabled:
+                merge_lora(final, os.path.join(self.run_dir, "merged"))
         self.accelerator.wait_for_everyone()
         return final
 
