@@ -9,6 +9,7 @@ answers to check metric values exactly.
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib.util
 import io
 import json
@@ -426,19 +427,33 @@ def test_caption_cli_skips_and_reports_a_corrupt_file(checkpoint, image_folder, 
     lines = cli_lines(out)
     assert [path for path, _ in lines] == [str(mixed / f"test-{i:06d}.png") for i in range(8)]
     assert all(isinstance(text, str) for _, text in lines)
-    assert f"error: {mixed / 'bad.png'}: cannot read image" in err
+    assert f"error: {mixed / 'bad.png'}: not an image file (PIL cannot identify it)\n" in err
     assert "1 image(s) could not be read" in err
     assert "notes.txt" not in out + err
+    assert "image/s" not in err  # one batch: no progress bar
 
-    # --json with a question: one object per good image, in the same order
-    assert caption_main(["--checkpoint", checkpoint, "--max-new-tokens", str(MAX_NEW), "--json",
+    # --json with a question: one object per file, in path order; the bad one says why; a bar over 3 batches
+    assert caption_main(["--checkpoint", checkpoint, "--max-new-tokens", str(MAX_NEW), "--json", "--batch-size", "4",
                          "--question", QUESTION, str(mixed)]) == 1
     out, err = capsys.readouterr()
     records = [json.loads(line) for line in out.splitlines()]
-    assert [set(r) for r in records] == [{"path", "question", "text"}] * 8
-    assert [r["path"] for r in records] == [path for path, _ in lines]
-    assert all(r["question"] == QUESTION and isinstance(r["text"], str) for r in records)
-    assert "bad.png" in err
+    assert records[0] == {"path": str(mixed / "bad.png"), "question": QUESTION,
+                          "error": "not an image file (PIL cannot identify it)"}
+    assert [set(r) for r in records[1:]] == [{"path", "question", "text"}] * 8
+    assert [r["path"] for r in records[1:]] == [path for path, _ in lines]
+    assert all(r["question"] == QUESTION and isinstance(r["text"], str) for r in records[1:])
+    assert "9/9" in err and "image/s" in err  # the progress bar, on stderr
+
+
+def test_caption_cli_names_why_a_file_cannot_be_read(tmp_path):
+    from vlmoe.caption import _load
+
+    (tmp_path / "text.png").write_text("hello")
+    (tmp_path / "folder.png").mkdir()
+    reasons = {os.path.basename(p): reason for p, _, reason in _load(
+        [str(tmp_path / n) for n in ("text.png", "folder.png", "missing.png")])}
+    assert reasons == {"text.png": "not an image file (PIL cannot identify it)",
+                       "folder.png": "a folder, not a file", "missing.png": "no such file"}
 
 
 def test_caption_cli_all_good_images_exit_zero_and_match_eval(checkpoint, image_folder, full_runs, test_samples,
@@ -543,3 +558,17 @@ def test_summary_prints_the_metric_values(full_runs, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "| metric | moe | dense | target |"
     assert "| VQA exact match | 0.9500 ok | 0.5000 below | >= 0.90 |" in lines
+
+
+def test_eval_progress_total_is_the_sample_count_where_known(shapes, test_samples, tmp_path):
+    from accelerate import Accelerator
+
+    from vlmoe.evaluation.runner import EvalOptions, _expected_samples
+
+    acc = Accelerator(cpu=True)
+    for task in TASKS:
+        assert _expected_samples(pattern(shapes, task), EvalOptions(), acc) == len(test_samples[task])
+    assert _expected_samples(pattern(shapes, "caption"), EvalOptions(limit=10, batch_size=4), acc) == 10
+    unrecorded = tmp_path / "copy-000000.tar"  # a shard that no index.json or _stats.json describes
+    unrecorded.write_bytes(open(sorted(glob.glob(pattern(shapes, "caption")))[0], "rb").read())
+    assert _expected_samples(str(unrecorded), EvalOptions(), acc) is None

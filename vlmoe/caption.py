@@ -5,8 +5,10 @@
     python -m vlmoe.caption --checkpoint runs/tiny/final --json imgs/ > captions.jsonl
 
 Prints one line per image (``path<TAB>text``, or a JSON object with ``--json``), batched with the
-KV cache. A file that cannot be read as an image is reported on stderr and skipped; the exit
-code is 1 when any failed. From Python::
+KV cache, in the order of the paths; a progress bar on stderr when there is more than one batch. A
+file that cannot be read as an image is reported on stderr with the reason in words (and, with
+``--json``, as ``{"path", "question", "error"}`` in its place) and skipped; the exit code is 1
+when any failed. From Python::
 
     captioner = Captioner.from_pretrained("runs/tiny/final")
     captioner(["a.jpg", PIL.Image.open("b.png")], question=None)  # -> list of texts
@@ -21,7 +23,8 @@ import sys
 from typing import Iterable, Iterator, Sequence
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from .data.sample import IMAGE_EXTENSIONS, open_image
 from .model.modeling import VLMoEForConditionalGeneration
@@ -63,35 +66,67 @@ def _batches(paths: list[str], size: int) -> Iterator[list[str]]:
         yield paths[start : start + size]
 
 
+def read_failure(err: Exception) -> str:
+    """Why a file could not be read as an image, in words."""
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image file (PIL cannot identify it)"
+    if isinstance(err, FileNotFoundError):
+        return "no such file"
+    if isinstance(err, IsADirectoryError):
+        return "a folder, not a file"
+    if isinstance(err, PermissionError):
+        return "permission denied"
+    if isinstance(err, Image.DecompressionBombError):
+        return "too many pixels to decode safely (PIL's decompression-bomb limit)"
+    return f"damaged image data ({err})"
+
+
+def _load(paths: list[str]) -> list[tuple[str, Image.Image | None, str | None]]:
+    """``(path, image, None)``, or ``(path, None, reason)`` for a file that is not a readable image."""
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append((path, open_image(path), None))
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            loaded.append((path, None, read_failure(err)))
+    return loaded
+
+
+def _print(path: str, question: str | None, text: str | None, error: str | None, as_json: bool) -> None:
+    if error is not None:
+        print(f"error: {path}: {error}", file=sys.stderr)
+        if as_json:
+            print(json.dumps({"path": path, "question": question, "error": error}))
+    elif as_json:
+        print(json.dumps({"path": path, "question": question, "text": text}))
+    else:
+        print(f"{path}\t{text}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a save_pretrained folder (e.g. runs/NAME/final)")
     parser.add_argument("images", nargs="+", help="image files or folders")
     parser.add_argument("--question", default=None, help="ask this question instead of captioning")
-    parser.add_argument("--json", action="store_true", help="print JSON lines")
+    parser.add_argument("--json", action="store_true", help="print JSON lines (failed files too, with an error)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--num-beams", type=int, default=1)
     args = parser.parse_args(argv)
     captioner = Captioner.from_pretrained(args.checkpoint)
+    paths = list(expand_paths(args.images))
     failed = 0
-    for chunk in _batches(list(expand_paths(args.images)), args.batch_size):
-        loaded = []
-        for path in chunk:
-            try:
-                loaded.append((path, open_image(path)))
-            except (OSError, ValueError, Image.DecompressionBombError) as err:
-                failed += 1
-                print(f"error: {path}: cannot read image ({err})", file=sys.stderr)
-        if not loaded:
-            continue
-        texts = captioner([image for _, image in loaded], args.question,
-                          max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
-        for (path, _), text in zip(loaded, texts):
-            if args.json:
-                print(json.dumps({"path": path, "question": args.question, "text": text}))
-            else:
-                print(f"{path}\t{text}")
+    bar = tqdm(total=len(paths), unit="image", file=sys.stderr, disable=len(paths) <= args.batch_size)
+    for chunk in _batches(paths, args.batch_size):
+        loaded = _load(chunk)
+        good = [image for _, image, error in loaded if error is None]
+        texts = iter(captioner(good, args.question, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+                     if good else [])
+        for path, _, error in loaded:
+            failed += error is not None
+            _print(path, args.question, None if error else next(texts), error, args.json)
+        bar.update(len(chunk))
+    bar.close()
     if failed:
         print(f"{failed} image(s) could not be read", file=sys.stderr)
     return 1 if failed else 0

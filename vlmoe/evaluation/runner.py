@@ -12,6 +12,8 @@ Notable choices:
   ``eval_failure`` says when a run should not pass as a clean result.
 - Metrics come from ``vlmoe.evaluation.score``, the code that scores any results file: a sample id evaluated
   twice is an error naming it; ``EvalOptions.scorer = "official"`` runs pycocoevalcap (Java) for captions.
+- The progress bar counts samples, with a total where it is known before reading (``--limit``, or
+  the sample counts the shards' writers recorded, in one process).
 - Files: ``metrics.json``, ``predictions.json`` in the official results format (COCO captions
   ``[{"image_id", "caption"}]``, VQA ``[{"question_id", "answer"}]``), ``samples.jsonl`` for
   error analysis, ``routing.json``, ``routing_load.png`` and ``routing_patches.png``.
@@ -32,7 +34,8 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from ..data import SKIP_REASONS, DataSource, SampleLoader, build_loader
+from ..data import SKIP_REASONS, DataSource, SampleLoader, build_loader, expand_shards
+from ..data.reader import recorded_sample_count
 from ..tasks import GenerationCollate
 from ..data.references import VQAReference
 from .caption_metrics import caption_exact_match
@@ -97,7 +100,10 @@ def evaluate(
     records, summary, pictures = [], RoutingSummary(), None
     loader = _loader(processor, shards, task, options, acc)
     start = time.perf_counter()
-    for batch, samples in tqdm(_batches(loader, options, acc), desc=f"eval {task}", disable=not acc.is_main_process):
+    bar = tqdm(total=_expected_samples(shards, options, acc), desc=f"eval {task}", unit="sample",
+               disable=not acc.is_main_process)
+    for batch, samples in _batches(loader, options, acc):
+        bar.update(len(samples))
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         generated = model.generate(**batch, max_new_tokens=options.max_new_tokens, num_beams=options.num_beams, do_sample=False)
         texts = processor.decode(generated, batch["input_ids"].shape[1])
@@ -106,6 +112,7 @@ def evaluate(
         summary.add(routing)
         if pictures is None and acc.is_main_process:
             pictures = _patch_pictures(model, processor, batch, routing, options.num_pictures)
+    bar.close()
     elapsed = time.perf_counter() - start
     records = gather_object(records)
     summaries = gather_object([summary])
@@ -150,6 +157,19 @@ def _loader(processor, shards: str, task: str, options: EvalOptions, acc: Accele
         rank=0 if limited else acc.process_index, world_size=1 if limited else acc.num_processes,
         num_workers=options.num_workers,
     )
+
+
+def _expected_samples(shards: str, options: EvalOptions, acc: Accelerator) -> int | None:
+    """How many samples this process evaluates, where that is known before reading: with a limit
+    (its batches of the first ``limit``), or in one process from the counts the shards' writers
+    recorded (``recorded_sample_count``); None otherwise (the bar then counts without a total)."""
+    if options.limit is not None:
+        sizes = [min(options.batch_size, options.limit - start) for start in range(0, options.limit, options.batch_size)]
+        return sum(sizes[acc.process_index :: acc.num_processes])
+    if acc.num_processes > 1:  # shards are split by rank: a process's share is not known in advance
+        return None
+    counts = [recorded_sample_count(url) for url in expand_shards(shards)]
+    return None if None in counts else sum(counts)
 
 
 def _batches(loader: SampleLoader, options: EvalOptions, acc: Accelerator):
