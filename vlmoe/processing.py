@@ -33,6 +33,7 @@ from transformers.utils import PROCESSOR_NAME
 from .image_processing import VLMoEImageProcessor
 from .model.config import CAPTION_PROMPT, IMAGE_SLOT, VQA_PROMPT, VLMoEConfig, check_prompts
 from .model.modeling import VLMoEForConditionalGeneration
+from .model.upcycle import load_parent, load_parent_config
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
@@ -197,11 +198,16 @@ def prepare_tokenizer(config: VLMoEConfig, tokenizer=None):
     return tokenizer
 
 
-def build_model(config: VLMoEConfig, tokenizer=None) -> tuple[VLMoEForConditionalGeneration, VLMoEProcessor]:
-    """A new model and its processor: towers from local weights (upcycled) or from scratch.
+def build_model(
+    config: VLMoEConfig, tokenizer=None, parent: VLMoEForConditionalGeneration | None = None, upcycle_noise: float = 0.0
+) -> tuple[VLMoEForConditionalGeneration, VLMoEProcessor]:
+    """A new model and its processor: towers from local weights (upcycled) or from scratch, or from
+    ``parent`` (a vlmoe model, ``load_run``): its dense MLPs upcycled where ``config`` puts MoE
+    layers, everything else loaded (``vlmoe.model.upcycle``); give it the parent's tokenizer.
 
     A from-scratch decoder takes its vocabulary and special token ids from ``tokenizer``. ``config``
     is left as it is (the model resolves a copy), so the same config builds the same model again.
+    ``upcycle_noise``: Gaussian noise added to each upcycled expert, relative to each dense weight's std.
     """
     tokenizer = prepare_tokenizer(config, tokenizer)
     config = copy.deepcopy(config)
@@ -211,7 +217,9 @@ def build_model(config: VLMoEConfig, tokenizer=None) -> tuple[VLMoEForConditiona
             **config.decoder.text_config, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
         }
-    model = VLMoEForConditionalGeneration(config)
+    model = VLMoEForConditionalGeneration(config, parent=parent, upcycle_noise=upcycle_noise)
+    if parent is not None:
+        load_parent(model, parent)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.language_model.resize_token_embeddings(len(tokenizer))
         model.config.decoder.text_config["vocab_size"] = len(tokenizer)
@@ -219,3 +227,9 @@ def build_model(config: VLMoEConfig, tokenizer=None) -> tuple[VLMoEForConditiona
     generation.bos_token_id, generation.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     generation.pad_token_id = tokenizer.pad_token_id
     return model, VLMoEProcessor.from_config(model.config, tokenizer)
+
+
+def load_run(path: str | os.PathLike) -> tuple[VLMoEForConditionalGeneration, VLMoEProcessor]:
+    """A saved vlmoe model and its processor, to start a new model from (``build_model(parent=...)``)."""
+    load_parent_config(str(path))  # a clear error when the folder is not a vlmoe one
+    return VLMoEForConditionalGeneration.from_pretrained(path).eval(), VLMoEProcessor.from_pretrained(path)

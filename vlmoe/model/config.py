@@ -22,6 +22,8 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 
 from ..moe import MoEConfig
+from ..moe.config import EXPERT_TYPES
+from ..moe.experts import EXPERT_ACTIVATIONS
 
 CAPTION_PROMPT = "Caption:"
 VQA_PROMPT = "Question: {question} Answer:"
@@ -40,6 +42,13 @@ def moe_layer_indices(num_layers: int, moe_layers: list[int] | None, moe_every: 
     return [i for i in range(num_layers) if (num_layers - 1 - i) % moe_every == 0]
 
 
+def check_expert_kind(expert_type: str | None, activation: str | None, where: str) -> None:
+    if expert_type is not None and expert_type not in EXPERT_TYPES:
+        raise ValueError(f"{where}.expert_type={expert_type!r} is not one of {list(EXPERT_TYPES)}")
+    if activation is not None and activation not in EXPERT_ACTIVATIONS:
+        raise ValueError(f"{where}.expert_activation={activation!r} is not one of {list(EXPERT_ACTIVATIONS)}")
+
+
 @dataclass
 class VisionConfig:
     """The timm ViT encoder.
@@ -55,6 +64,9 @@ class VisionConfig:
             place of the linear patch embedding; ``patch_size`` then counts stem output pixels, so
             a patch covers ``patch_size * 2 ** len(conv_stem)`` image pixels. ``None``: no stem.
         moe_layers / moe_every: which blocks become MoE.
+        expert_type / expert_activation: the kind of this tower's MoE experts (``None``:
+            ``moe.expert_type`` and its default activation). Upcycling sets them to the dense MLP's,
+            so a saved model rebuilds the layers it holds.
         image_mean, image_std, interpolation, crop_pct: preprocessing; ``None`` takes timm's
             data config of the model.
         grid_size: patch tokens per side, resolved from the built model (hybrid ViTs with a
@@ -72,6 +84,8 @@ class VisionConfig:
     conv_stem: list[int] | None = None
     moe_layers: list[int] | None = None
     moe_every: int = 0
+    expert_type: str | None = None
+    expert_activation: str | None = None
     image_mean: list[float] | None = None
     image_std: list[float] | None = None
     interpolation: str | None = None
@@ -86,6 +100,7 @@ class VisionConfig:
             )
         if self.moe_every < 0:
             raise ValueError(f"vision.moe_every must be >= 0, got {self.moe_every}")
+        check_expert_kind(self.expert_type, self.expert_activation, "vision")
         self.check_patch_grid()
 
     def check_patch_grid(self) -> None:
@@ -120,14 +135,18 @@ class DecoderConfig:
         text_config: a transformers config dict (with ``model_type``, default ``llama``) for a
             decoder built from scratch, or the resolved config of a loaded one.
         moe_layers / moe_every: which layers become MoE.
+        expert_type / expert_activation: as ``VisionConfig``'s, for the decoder's MoE layers.
     """
 
     pretrained_path: str | None = None
     text_config: dict[str, Any] = field(default_factory=dict)
     moe_layers: list[int] | None = None
     moe_every: int = 0
+    expert_type: str | None = None
+    expert_activation: str | None = None
 
     def __post_init__(self) -> None:
+        check_expert_kind(self.expert_type, self.expert_activation, "decoder")
         if self.pretrained_path is not None and not os.path.isdir(self.pretrained_path):
             raise ValueError(
                 f"decoder.pretrained_path={self.pretrained_path!r} is not a local directory; vlmoe loads "

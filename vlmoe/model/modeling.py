@@ -29,7 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..moe import PADDING, MoELayer, MoEOutput, moe_layers_of, moe_scope
 from .config import VLMoEConfig
-from .towers import Projector, VisionTower, build_decoder, decoder_layers, place_moe_layers
+from .towers import Projector, VisionTower, build_decoder, decoder_layers, dense_mlps, place_moe_layers
 
 IMAGE, TEXT = 0, 1
 
@@ -85,13 +85,20 @@ class VLMoEPreTrainedModel(PreTrainedModel):
 class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
     """A timm ViT and a transformers causal LM joined by a projector, with modality-aware MoE layers."""
 
-    def __init__(self, config: VLMoEConfig):
+    def __init__(
+        self, config: VLMoEConfig, parent: VLMoEForConditionalGeneration | None = None, upcycle_noise: float = 0.0
+    ):
+        """``parent``: a vlmoe model with the same towers, whose dense MLPs the MoE layers placed where
+        it has them are upcycled from (``vlmoe.model.upcycle.load_parent`` loads the rest of its
+        weights); ``upcycle_noise``: the relative Gaussian noise added to each upcycled expert."""
         # The model resolves its own copy (tower paths -> architecture), so the caller's config
         # still names the pretrained towers and builds the same model again.
         config = copy.deepcopy(config)
         super().__init__(config)
-        upcycle_vision = config.vision.pretrained_file is not None
-        upcycle_decoder = config.decoder.pretrained_path is not None
+        pretrained = config.vision.pretrained_file is not None, config.decoder.pretrained_path is not None
+        if parent is not None and any(pretrained):
+            raise ValueError("a parent model and vision.pretrained_file / decoder.pretrained_path both give tower "
+                             "weights: upcycle from one of them")
         self.vision = VisionTower(config.vision)
         self.vision.resolve(config.vision)
         self.language_model = build_decoder(config.decoder)
@@ -108,11 +115,28 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         self.post_init()
         # After post_init: the decoder's own init scheme would otherwise re-initialise the new
         # layers' nn.Linear modules (e.g. zeroed shared experts of an upcycled layer).
+        vision_sources, decoder_sources = self._dense_sources(config, parent, *pretrained)
         shared = place_moe_layers(
             self.vision, self.language_model, config.vision, config.decoder, config.moe,
-            config.share_moe_layers, upcycle_vision, upcycle_decoder,
+            config.share_moe_layers, vision_sources, decoder_sources, upcycle_noise,
         )
         self.shared_moe = nn.ModuleList(shared)
+
+    def _dense_sources(
+        self, config: VLMoEConfig, parent: VLMoEForConditionalGeneration | None, vision_pretrained: bool,
+        decoder_pretrained: bool,
+    ) -> tuple[dict[int, nn.Module], dict[int, nn.Module]]:
+        """The dense MLPs the MoE layers are upcycled from, by block index: the parent's, or the
+        pretrained towers' own. Where the parent holds a MoE layer, the new one is built like it
+        (its tower's expert kind), to be loaded from it."""
+        if parent is not None:
+            for mine, theirs in ((config.vision, parent.config.vision), (config.decoder, parent.config.decoder)):
+                if mine.expert_type is None and mine.expert_activation is None:
+                    mine.expert_type, mine.expert_activation = theirs.expert_type, theirs.expert_activation
+            return dense_mlps(parent.vision.blocks), dense_mlps(decoder_layers(parent.language_model))
+        vision = dense_mlps(self.vision.blocks) if vision_pretrained else {}
+        decoder = dense_mlps(decoder_layers(self.language_model)) if decoder_pretrained else {}
+        return vision, decoder
 
     # --- parts ---------------------------------------------------------------------------
 

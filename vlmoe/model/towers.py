@@ -13,6 +13,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import timm
@@ -23,7 +24,8 @@ from timm.models.vision_transformer_hybrid import ConvStem
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from ..moe import MoEConfig, MoELayer, SharedMoE
+from ..moe import MoEConfig, MoELayer, SharedMoE, moe_layers_of
+from ..moe.layer import dense_weights
 from .config import DecoderConfig, ProjectorConfig, VisionConfig, moe_layer_indices
 
 
@@ -133,12 +135,61 @@ def _mlp_width(mlp: nn.Module) -> tuple[int, int]:
     return mlp.gate_proj.in_features, mlp.gate_proj.out_features
 
 
-def _make_moe(mlp: nn.Module, config: MoEConfig, causal: bool, upcycle: bool) -> MoELayer:
-    if upcycle:
-        return MoELayer.from_dense(mlp, config, causal=causal)
+def dense_mlps(blocks: nn.Module) -> dict[int, nn.Module]:
+    """The dense MLPs of a tower's blocks, by block index (MoE layers left out)."""
+    return {i: block.mlp for i, block in enumerate(blocks) if not isinstance(block.mlp, (MoELayer, SharedMoE))}
+
+
+def same_dense_mlp(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two dense MLPs upcycle into the same experts: one expert type, one activation, equal weights."""
+    *wa, type_a, act_a = dense_weights(a)
+    *wb, type_b, act_b = dense_weights(b)
+    if (type_a, act_a) != (type_b, act_b):
+        return False
+    return all(
+        (x is None and y is None) or (x is not None and y is not None and x.shape == y.shape and torch.equal(x, y))
+        for x, y in zip(wa, wb)
+    )
+
+
+def _tower_moe(moe: MoEConfig, config: VisionConfig | DecoderConfig) -> tuple[MoEConfig, str | None]:
+    """The MoE config and expert activation of a tower's layers built at random."""
+    if config.expert_type is not None:
+        moe = dataclasses.replace(moe, expert_type=config.expert_type)
+    return moe, config.expert_activation
+
+
+def _make_moe(
+    mlp: nn.Module, source: nn.Module | None, config: MoEConfig, activation: str | None, causal: bool,
+    noise_std: float, where: str,
+) -> MoELayer:
+    """A MoE layer in place of the tower's dense ``mlp``: upcycled from ``source``, or at random."""
     width, hidden = _mlp_width(mlp)
+    if source is not None:
+        if _mlp_width(source) != (width, hidden):
+            raise ValueError(
+                f"{where}: the dense MLP to upcycle from has (in, hidden)={_mlp_width(source)}, the model's "
+                f"{(width, hidden)}; experts keep the width of the MLP they are copied from"
+            )
+        return MoELayer.from_dense(source, config, causal=causal, noise_std=noise_std)
     param = next(mlp.parameters())
-    return MoELayer(width, hidden, config=config, causal=causal, device=param.device, dtype=param.dtype)
+    return MoELayer(
+        width, hidden, config=config, causal=causal, activation=activation, device=param.device, dtype=param.dtype
+    )
+
+
+def _record_expert_kind(layers: list[MoELayer], config: VisionConfig | DecoderConfig, where: str) -> None:
+    """Write the tower's expert type and activation into its config, so that a saved model rebuilds
+    the same layers (upcycled ones follow their dense MLP, not ``moe.expert_type``)."""
+    kinds = sorted({(layer.config.expert_type, layer.experts.activation) for layer in layers})
+    if len(kinds) > 1:
+        raise ValueError(
+            f"{where}: its MoE layers would hold experts of kinds {kinds} (upcycled layers follow their dense "
+            f"MLP, the others {where}.expert_type / moe.expert_type); a tower holds one kind: choose "
+            f"{where}.moe_layers so that all of its MoE layers are upcycled, or none"
+        )
+    if kinds:
+        config.expert_type, config.expert_activation = kinds[0]
 
 
 def place_moe_layers(
@@ -148,24 +199,57 @@ def place_moe_layers(
     decoder_config: DecoderConfig,
     moe: MoEConfig,
     share: bool,
-    upcycle_vision: bool,
-    upcycle_decoder: bool,
+    vision_sources: dict[int, nn.Module],
+    decoder_sources: dict[int, nn.Module],
+    noise_std: float = 0.0,
 ) -> list[MoELayer]:
-    """Turn the chosen dense MLPs into MoE layers; returns the shared layers (to be owned by the model)."""
+    """Turn the chosen dense MLPs into MoE layers; returns the shared layers (to be owned by the model).
+
+    ``vision_sources`` / ``decoder_sources``: the dense MLPs to upcycle from, by block index (the
+    towers' own pretrained MLPs, or a parent model's); a MoE layer without one is built at random.
+    ``noise_std`` is the relative Gaussian noise added to each upcycled expert. The towers' expert
+    kinds are written into their configs.
+    """
     vision_idx = moe_layer_indices(len(vision.blocks), vision_config.moe_layers, vision_config.moe_every, "vision")
     layers = decoder_layers(decoder)
     decoder_idx = moe_layer_indices(len(layers), decoder_config.moe_layers, decoder_config.moe_every, "decoder")
-    if not share:
+    if share:
+        shared = _place_shared(vision, layers, vision_idx, decoder_idx, vision_config, decoder_config, moe,
+                               vision_sources, decoder_sources, noise_std)
+    else:
+        shared = []
+        v_moe, v_act = _tower_moe(moe, vision_config)
         for i in vision_idx:
-            vision.blocks[i].mlp = _make_moe(vision.blocks[i].mlp, moe, False, upcycle_vision)
+            where = f"vision block {i}"
+            vision.blocks[i].mlp = _make_moe(vision.blocks[i].mlp, vision_sources.get(i), v_moe, v_act, False, noise_std, where)
+        d_moe, d_act = _tower_moe(moe, decoder_config)
         for i in decoder_idx:
-            layers[i].mlp = _make_moe(layers[i].mlp, moe, True, upcycle_decoder)
-        return []
+            where = f"decoder layer {i}"
+            layers[i].mlp = _make_moe(layers[i].mlp, decoder_sources.get(i), d_moe, d_act, True, noise_std, where)
+    _record_expert_kind(moe_layers_of(vision.blocks), vision_config, "vision")
+    _record_expert_kind(moe_layers_of(layers), decoder_config, "decoder")
+    return shared
+
+
+def _place_shared(
+    vision: VisionTower, layers: nn.ModuleList, vision_idx: list[int], decoder_idx: list[int],
+    vision_config: VisionConfig, decoder_config: DecoderConfig, moe: MoEConfig,
+    vision_sources: dict[int, nn.Module], decoder_sources: dict[int, nn.Module], noise_std: float,
+) -> list[MoELayer]:
+    """The i-th ViT and decoder MoE layers as one module; upcycled from the dense MLP one tower gives,
+    or from both towers' only if they are equal (one layer has one parent)."""
     if len(vision_idx) != len(decoder_idx):
         raise ValueError(
             f"share_moe_layers needs as many MoE layers in the ViT ({len(vision_idx)}) as in the decoder "
             f"({len(decoder_idx)}); set vision/decoder moe_layers or moe_every to match"
         )
+    if (vision_config.expert_type, vision_config.expert_activation) != (decoder_config.expert_type, decoder_config.expert_activation):
+        raise ValueError(
+            f"share_moe_layers: vision.expert_type/expert_activation ({vision_config.expert_type}, "
+            f"{vision_config.expert_activation}) differ from decoder's ({decoder_config.expert_type}, "
+            f"{decoder_config.expert_activation}); a shared layer has one kind of experts"
+        )
+    shared_moe, activation = _tower_moe(moe, decoder_config)
     shared = []
     for vi, di in zip(vision_idx, decoder_idx):
         v_mlp, d_mlp = vision.blocks[vi].mlp, layers[di].mlp
@@ -174,13 +258,15 @@ def place_moe_layers(
                 f"share_moe_layers: ViT block {vi} MLP (in, hidden)={_mlp_width(v_mlp)} differs from decoder "
                 f"layer {di} MLP {_mlp_width(d_mlp)}; shared layers need equal widths"
             )
-        if upcycle_vision and upcycle_decoder:
+        v_src, d_src = vision_sources.get(vi), decoder_sources.get(di)
+        if v_src is not None and d_src is not None and not same_dense_mlp(v_src, d_src):
             raise ValueError(
-                "share_moe_layers with both towers pretrained: a shared layer can be upcycled from one dense "
-                "MLP only (and a timm GELU MLP and a Llama SwiGLU MLP are different expert types)"
+                f"share_moe_layers: shared layer {len(shared)} would be upcycled from ViT block {vi}'s dense MLP "
+                f"and from decoder layer {di}'s, and they differ (a timm GELU MLP and a Llama SwiGLU MLP always "
+                "do); a shared layer can have one parent only: set share_moe_layers=false"
             )
-        source = d_mlp if upcycle_decoder or not upcycle_vision else v_mlp
-        layer = _make_moe(source, moe, True, upcycle_decoder or upcycle_vision)
+        source = d_src if d_src is not None else v_src
+        layer = _make_moe(d_mlp, source, shared_moe, activation, True, noise_std, f"shared layer {len(shared)}")
         vision.blocks[vi].mlp = SharedMoE(layer)
         layers[di].mlp = SharedMoE(layer)
         shared.append(layer)

@@ -245,7 +245,7 @@ class MoELayer(nn.Module):
         choice, renormalised top-k and no capacity drops, the new layer computes exactly what
         ``mlp`` did until ``noise_std`` (relative Gaussian noise per expert) or training moves it.
         """
-        fc_in_w, fc_in_b, fc_out_w, fc_out_b, expert_type, activation = _dense_weights(mlp)
+        fc_in_w, fc_in_b, fc_out_w, fc_out_b, expert_type, activation = dense_weights(mlp)
         config = dataclasses.replace(config, expert_type=expert_type)
         layer = cls(
             fc_in_w.shape[1], fc_out_w.shape[1], fc_out_w.shape[0], bias=fc_in_b is not None, config=config,
@@ -266,7 +266,7 @@ class MoELayer(nn.Module):
         return layer
 
 
-def _dense_weights(mlp: nn.Module):
+def dense_weights(mlp: nn.Module):
     """``(in_w, in_b, out_w, out_b, expert_type, activation)`` of a supported dense MLP."""
     if isinstance(mlp, FeedForward):
         expert_type = "swiglu" if mlp.gated else "gelu"

@@ -23,6 +23,7 @@ from ..lora import LoRAConfig
 from ..model.config import (
     CAPTION_PROMPT, VQA_PROMPT, DecoderConfig, ProjectorConfig, VisionConfig, VLMoEConfig,
 )
+from ..model.upcycle import check_parent_config, load_parent_config
 from ..moe import MoEConfig
 
 PARAM_GROUPS = ("vision", "decoder", "projector", "experts", "routers")
@@ -46,6 +47,16 @@ class TokenizerConfig:
 
 @dataclass
 class ModelConfig:
+    """The model's parts (``VLMoEConfig``'s), its tokenizer, and where its weights start.
+
+    Attributes:
+        init_from: a vlmoe ``save_pretrained`` folder (e.g. ``runs/NAME/final``) to start from:
+            each MLP that this config makes a MoE layer is upcycled from the checkpoint's dense MLP
+            at the same place, everything else is loaded as it is, and the run uses its tokenizer.
+        upcycle_noise: Gaussian noise added to each upcycled expert, relative to each dense
+            weight's std (0: the upcycled model computes what its parent did).
+    """
+
     vision: VisionConfig = field(default_factory=VisionConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
@@ -57,11 +68,32 @@ class ModelConfig:
     pixel_loss_weight: float = 0.0
     pixel_loss_size: int | None = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    init_from: str | None = None
+    upcycle_noise: float = 0.0
 
     def __post_init__(self) -> None:
         # The model's config validates itself; made here too, as the trainer makes it only after
         # the run folder and the tokenizer are written.
-        self.to_vlmoe_config()
+        config = self.to_vlmoe_config()
+        if self.upcycle_noise < 0:
+            raise ValueError(f"model.upcycle_noise must be >= 0, got {self.upcycle_noise}")
+        if self.init_from is not None:
+            self._check_init_from(config)
+
+    def _check_init_from(self, config: VLMoEConfig) -> None:
+        """The checkpoint is a vlmoe folder whose towers are this config's; nothing else gives weights."""
+        given = {"model.vision.pretrained_file": self.vision.pretrained_file,
+                 "model.decoder.pretrained_path": self.decoder.pretrained_path,
+                 "model.tokenizer.path": self.tokenizer.path}
+        for key, value in given.items():
+            if value is not None:
+                raise ValueError(f"model.init_from and {key} are both set: the checkpoint gives the weights and "
+                                 f"the tokenizer; unset {key}")
+        try:
+            check_parent_config(config, load_parent_config(self.init_from))
+        except ValueError as err:
+            prefix = "model." if str(err).startswith(("vision.", "decoder.", "projector")) else ""
+            raise ValueError(f"model.init_from={self.init_from!r}: {prefix}{err}") from None
 
     def to_vlmoe_config(self) -> VLMoEConfig:
         return VLMoEConfig(

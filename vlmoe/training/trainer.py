@@ -47,7 +47,8 @@ from ..data import SKIP_REASONS, build_dataset, build_loader, expand_shards
 from ..evaluation.vqa_metrics import vqa_exact_match
 from ..lora import BASE, attach_lora, merge_lora
 from ..model.modeling import RoutingRecord
-from ..processing import build_model, train_tokenizer
+from ..model.upcycle import max_logit_difference
+from ..processing import VLMoEProcessor, build_model, load_run, train_tokenizer
 from ..tasks import GenerationCollate, TrainingCollate, generate_from_batch
 from .checkpoint import TRAINER_STATE, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, config_to_yaml
@@ -99,9 +100,11 @@ def start_checkpoint(run_dir: str, resume: str | None, overwrite: bool) -> str |
 
 
 def run_tokenizer(config: Config, accelerator: Accelerator, run_dir: str):
-    """The tokenizer of this run: the pretrained decoder's, a given one, or trained once and saved
+    """The tokenizer of this run: the parent checkpoint's, the pretrained decoder's, a given one, or trained once and saved
     (with the settings it was trained with, which a resumed run's config must repeat)."""
     model_cfg = config.model
+    if model_cfg.init_from is not None:
+        return VLMoEProcessor.from_pretrained(model_cfg.init_from).tokenizer  # the parent's vocabulary
     if model_cfg.decoder.pretrained_path is not None:
         return None  # build_model takes the decoder's own
     if model_cfg.tokenizer.path is not None:
@@ -218,7 +221,11 @@ class Trainer:
         if self.accelerator.is_main_process:
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
                 f.write(config_to_yaml(config))
-        model, self.processor = build_model(config.model.to_vlmoe_config(), tokenizer)
+        model, self.processor, parent = self._build_model(tokenizer)
+        self.upcycle_record = {}
+        if parent is not None and checkpoint is None:  # a resumed run's weights come from its checkpoint
+            self.upcycle_record = self._logit_difference(model, parent)
+        del parent
         if train.lora.enabled:
             model = self._attach_lora(model)
         optimizer = build_optimizer(model, config.optim)
@@ -240,6 +247,35 @@ class Trainer:
         model = attach_lora(model, self.config.train.lora)
         model.peft_config["default"].base_model_name_or_path = os.path.abspath(base)
         return model
+
+    def _build_model(self, tokenizer):
+        """The model and processor, and the parent model when ``model.init_from`` names one."""
+        model_cfg = self.config.model
+        parent = None
+        if model_cfg.init_from is not None:
+            parent = load_run(model_cfg.init_from)[0]
+        try:
+            model, processor = build_model(model_cfg.to_vlmoe_config(), tokenizer, parent, model_cfg.upcycle_noise)
+        except ValueError as err:
+            if parent is None:
+                raise
+            raise ValueError(f"model.init_from={model_cfg.init_from!r}: {err}") from None
+        return model, processor, parent
+
+    def _logit_difference(self, model, parent) -> dict[str, float]:
+        """The largest |logit difference| to the parent on the first validation batch (the same batch
+        on every process): about 0 for an upcycle without noise."""
+        acc, data = self.accelerator, self.config.data
+        sources = data.val[:1] or data.train[:1]
+        loader = build_loader([s.to_source() for s in sources], train=False, batch_size=data.eval_batch_size,
+                              collate=TrainingCollate(self.processor), seed=self.config.train.seed)
+        batch = {k: v.to(acc.device) for k, v in next(iter(loader)).items()}
+        model.to(acc.device), parent.to(acc.device)
+        with acc.autocast():
+            diff = max_logit_difference(model, parent, batch)
+        logger.info("upcycled from %s: largest |logit difference| to it on one validation batch: %.3g",
+                    self.config.model.init_from, diff)
+        return {"upcycle/max_logit_diff": diff}
 
     @property
     def unwrapped(self):
@@ -297,6 +333,8 @@ class Trainer:
         acc = self.accelerator
         # TensorBoard hides what an earlier attempt logged after the checkpoint (it is logged again)
         acc.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": self.state.step + 1}})
+        if self.upcycle_record and self.state.step == 0:
+            self._log(0, self.upcycle_record)
         batches = self._batches()
         bar = tqdm(total=cfg.steps, initial=self.state.step, disable=not acc.is_main_process, desc="train")
         window_start, window_samples = time.perf_counter(), 0
