@@ -249,6 +249,12 @@ def test_upcycled_model_equals_dense_composite_at_init(tokenizer, tmp_path):
         torch.testing.assert_close(moe.eval()(**batch).logits, dense.eval()(**batch).logits, rtol=1e-5, atol=1e-5)
     counts = moe.parameter_counts()
     assert counts["vision_active"] < counts["vision_total"] and counts["decoder_active"] < counts["decoder_total"]
+    # The config records the experts' kind (GELU from the timm MLP), so the saved model reloads as it is.
+    moe.save_pretrained(tmp_path / "moe")
+    reloaded = VLMoEForConditionalGeneration.from_pretrained(tmp_path / "moe").eval()
+    assert reloaded.config.vision.expert_type == "gelu" and reloaded.config.decoder.expert_type == "swiglu"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, moe(**batch).logits)
 
 
 def test_building_twice_from_one_config_loads_the_pretrained_towers_both_times(tokenizer, tmp_path):
