@@ -4,6 +4,7 @@
     python train.py --config configs/tiny.yaml train.steps=200 model.moe.top_k=1
     python train.py --config configs/tiny.yaml --resume auto          # continue a killed run
     python train.py --config configs/tiny.yaml train.overwrite=true   # start runs/tiny afresh
+    python train.py --config configs/tiny-upcycle.yaml model.init_from=runs/tiny-dense/final  # upcycle a run
     torchrun --nproc_per_node 2 train.py --config configs/tiny.yaml   # 2 processes (CPU: gloo)
     accelerate launch --multi_gpu --num_processes 2 train.py --config configs/tiny.yaml  # the same
     accelerate launch --config_file configs/accelerate/fsdp.yaml train.py --config configs/base.yaml

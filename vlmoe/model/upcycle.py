@@ -34,7 +34,9 @@ def load_parent_config(path: str) -> VLMoEConfig:
     if not os.path.isdir(path):
         raise ValueError(f"{path!r} is not a folder (a vlmoe run's final/ folder is expected)")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{path!r} holds no config.json: not a vlmoe save_pretrained folder")
+        hint = " (a LoRA run's final/ holds its adapter; its merged/ folder, the whole model)" if os.path.isfile(
+            os.path.join(path, "adapter_config.json")) else ""
+        raise ValueError(f"{path!r} holds no config.json: not a vlmoe save_pretrained folder{hint}")
     config = VLMoEConfig.from_pretrained(path)
     if config.model_type != VLMoEConfig.model_type:
         raise ValueError(f"{path!r} holds a {config.model_type!r} model, not a vlmoe one")

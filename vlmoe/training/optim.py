@@ -3,7 +3,8 @@
 Notable choices:
 - Every parameter belongs to one of ``PARAM_GROUPS`` by where it sits: routers and experts
   (MoE layers, shared ones included) first, then the tower or projector that holds it. Each
-  group has its own learning-rate multiplier and can be frozen.
+  group has its own learning-rate multiplier and can be frozen: ``freeze=[vision, decoder,
+  projector]`` trains the MoE layers only (MoE-LLaVA's third stage).
 - No weight decay on norms, biases (anything 1-D), routers, and the ViT's position embeddings
   and prefix tokens (timm's ``no_weight_decay()``).
 - Under LoRA (a PEFT-wrapped model) names lose PEFT's prefix and the frozen base is left out.

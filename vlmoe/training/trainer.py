@@ -21,6 +21,9 @@ Notable choices:
 - With ``train.lora.rank > 0`` the built model gets PEFT adapters and only they train; the model
   they adapt is written once to ``runs/NAME/base``, ``final/`` holds the adapter alone, and
   ``merged/`` the model with the adapter folded in (``vlmoe/lora.py``).
+- ``model.init_from`` starts from a vlmoe checkpoint (``vlmoe.model.upcycle``): its tokenizer, its
+  weights, its dense MLPs upcycled where the config puts MoE layers; a fresh run logs at step 0 the
+  largest logit difference to it on one validation batch (``upcycle/max_logit_diff``).
 - A non-finite loss on any process skips the whole step on every process (no update); more
   than ``max_nonfinite`` in a row stop the run, leaving the last good checkpoint as it was.
 """
