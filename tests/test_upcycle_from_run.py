@@ -133,7 +133,8 @@ def test_shared_layers_upcycled_from_equal_parents(dense_dir):
 
 def test_shared_layers_from_parents_that_differ_are_refused(dense_dir):
     parent, processor = load_run(dense_dir)
-    with pytest.raises(ValueError, match=r"shared layer 0 would be upcycled from ViT block 0.*differ.*share_moe_layers=false"):
+    refused = r"shared layer 0 would be upcycled from ViT block 0.*differ.*share_moe_layers=false"
+    with pytest.raises(ValueError, match=refused):
         upcycle(parent, processor, config(share=True))
     unequal = _equal_parents(parent)
     with torch.no_grad():
@@ -145,17 +146,20 @@ def test_shared_layers_from_parents_that_differ_are_refused(dense_dir):
 def test_unmatched_parameters_are_named(dense_dir):
     parent, processor = load_run(dense_dir)
     wider = config(text={**TEXT, "hidden_size": 48}, moe_every=0)  # another decoder width, no MoE
-    with pytest.raises(ValueError, match=r"shape mismatch .*language_model\.model\.embed_tokens\.weight \(\d+, 32\) -> \(\d+, 48\)"):
+    mismatch = r"shape mismatch .*language_model\.model\.embed_tokens\.weight \(\d+, 32\) -> \(\d+, 48\)"
+    with pytest.raises(ValueError, match=mismatch):
         upcycle(parent, processor, wider)
     with pytest.raises(ValueError, match=r"missing in the checkpoint: \['pixel_head\.bias', 'pixel_head\.weight'\]"):
         upcycle(parent, processor, config(pixel_loss_weight=1.0))
     narrower = config(text={**TEXT, "intermediate_size": 48})  # upcycled experts keep the parent's width
-    with pytest.raises(ValueError, match=r"decoder layer 0: the dense MLP to upcycle from has \(in, hidden\)=\(32, 64\)"):
+    wider_experts = r"decoder layer 0: the dense MLP to upcycle from has \(in, hidden\)=\(32, 64\)"
+    with pytest.raises(ValueError, match=wider_experts):
         upcycle(parent, processor, narrower)
 
 
 def _model_config(path: str, **overrides) -> ModelConfig:
-    parts = {"vision": VisionConfig(**{**VISION, "moe_every": 1}), "decoder": DecoderConfig(text_config=dict(TEXT), moe_every=1)}
+    parts = {"vision": VisionConfig(**{**VISION, "moe_every": 1}),
+             "decoder": DecoderConfig(text_config=dict(TEXT), moe_every=1)}
     return ModelConfig(**{**parts, **overrides}, init_from=path)
 
 
@@ -169,7 +173,8 @@ def test_init_from_is_checked_with_the_config(dense_dir, tmp_path):
          r"model.init_from=.*model\.decoder\.text_config\.num_hidden_layers=3 differs from the checkpoint's 2"),
         (dense_dir, {"vision": VisionConfig(**{**VISION, "embed_dim": 64})},
          r"model\.vision\.embed_dim=64 differs from the checkpoint's 32"),
-        (dense_dir, {"tokenizer": TokenizerConfig(path=dense_dir)}, r"model.init_from and model.tokenizer.path are both set"),
+        (dense_dir, {"tokenizer": TokenizerConfig(path=dense_dir)},
+         r"model.init_from and model.tokenizer.path are both set"),
         (dense_dir, {"upcycle_noise": -0.1}, r"model.upcycle_noise must be >= 0"),
     ]
     for path, overrides, match in cases:

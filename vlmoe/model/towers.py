@@ -5,7 +5,9 @@ Notable choices:
   (never ``pretrained=True`` against a hub; a local weights file goes through timm's own
   ``pretrained_cfg_overlay``, which also resamples position embeddings to a new image size).
 - The decoder is whatever ``AutoModelForCausalLM`` builds from a local folder or a config dict.
-- Which MLPs become MoE, upcycling and cross-tower sharing are decided in ``place_moe_layers``.
+- Which MLPs become MoE, upcycling (from the towers' own pretrained MLPs or from a parent vlmoe
+  model's) and cross-tower sharing are decided in ``place_moe_layers``. Upcycled experts follow
+  their dense MLP's kind, which the towers' configs then record, so a saved model reloads alone.
   A shared layer is owned once by the model (``shared_moe``) and referenced from both towers
   through ``SharedMoE``: its parameters appear once in ``state_dict()``, ``parameters()`` and
   the checkpoint, and receive gradients from both towers.
@@ -220,12 +222,12 @@ def place_moe_layers(
         shared = []
         v_moe, v_act = _tower_moe(moe, vision_config)
         for i in vision_idx:
-            where = f"vision block {i}"
-            vision.blocks[i].mlp = _make_moe(vision.blocks[i].mlp, vision_sources.get(i), v_moe, v_act, False, noise_std, where)
+            block = vision.blocks[i]
+            block.mlp = _make_moe(block.mlp, vision_sources.get(i), v_moe, v_act, False, noise_std, f"vision block {i}")
         d_moe, d_act = _tower_moe(moe, decoder_config)
         for i in decoder_idx:
-            where = f"decoder layer {i}"
-            layers[i].mlp = _make_moe(layers[i].mlp, decoder_sources.get(i), d_moe, d_act, True, noise_std, where)
+            source = decoder_sources.get(i)
+            layers[i].mlp = _make_moe(layers[i].mlp, source, d_moe, d_act, True, noise_std, f"decoder layer {i}")
     _record_expert_kind(moe_layers_of(vision.blocks), vision_config, "vision")
     _record_expert_kind(moe_layers_of(layers), decoder_config, "decoder")
     return shared
@@ -243,7 +245,8 @@ def _place_shared(
             f"share_moe_layers needs as many MoE layers in the ViT ({len(vision_idx)}) as in the decoder "
             f"({len(decoder_idx)}); set vision/decoder moe_layers or moe_every to match"
         )
-    if (vision_config.expert_type, vision_config.expert_activation) != (decoder_config.expert_type, decoder_config.expert_activation):
+    kinds = [(c.expert_type, c.expert_activation) for c in (vision_config, decoder_config)]
+    if kinds[0] != kinds[1]:
         raise ValueError(
             f"share_moe_layers: vision.expert_type/expert_activation ({vision_config.expert_type}, "
             f"{vision_config.expert_activation}) differ from decoder's ({decoder_config.expert_type}, "
