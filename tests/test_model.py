@@ -13,6 +13,7 @@ from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vlmoe import VLMoEConfig, VLMoEForConditionalGeneration, VLMoEProcessor, build_model, train_tokenizer
+from vlmoe.model.modeling import target_weights
 
 TEXTS = ["a large red circle left of a small blue square", "Question: what color is it? Answer: red", "yes no 1 2 3"]
 VISION = dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, crop_pct=1.0)
@@ -71,6 +72,23 @@ def test_forward_backward_and_loss_covers_targets_only(tokenizer):
     for record in out.routing:
         present = record.output.tokens > 0
         torch.testing.assert_close(record.output.load[present].sum(-1), torch.ones(int(present.sum())))
+
+
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
+def test_label_weights_average_per_token_per_sample_or_between(tokenizer, power):
+    """``target_weights(labels, p)``: each sample of n target tokens weighs n ** (1 - p) in the LM
+    loss; p = 1 is the mean over samples of each sample's mean token loss."""
+    model, processor = build(tokenizer)
+    batch = processor.training_batch(images(), [processor.prompt(), processor.prompt("what color?")], ["a red circle", "blue"])
+    with torch.no_grad():
+        out = model(**batch, label_weights=target_weights(batch["labels"], power))
+    token_losses = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100, reduction="none")  # (B, T-1)
+    counts = (batch["labels"][:, 1:] != -100).sum(-1).float()
+    assert counts[0] != counts[1]
+    per_sample = token_losses.sum(-1) / counts
+    weights = counts.pow(1 - power)
+    torch.testing.assert_close(out.lm_loss, (per_sample * weights).sum() / weights.sum())
 
 
 SLOT_PROMPT = "Question: {question} {image} Answer:"

@@ -274,6 +274,7 @@ def test_fsdp2_sharding_matches_unsharded_model(tmp_path):
         ("model.vision.img_size=60", "vision.img_size=60 is not a multiple of the patch"),
         ("model.vision.mlp_ratio=4.0", "vision.mlp_ratio"),  # shared MoE layers: ViT MLP 512 wide, decoder's 256
         ("model.decoder.moe_every=2", "share_moe_layers needs as many MoE layers"),
+        ("train.loss_average=mean", "train.loss_average='mean' is not one of ['token', 'square', 'sample']"),
     ],
 )
 def test_bad_config_names_the_key(override, match):
@@ -486,13 +487,14 @@ def first_step_gradients(config) -> tuple[dict[str, float], list[torch.Tensor]]:
     return step_losses, grads
 
 
-def test_gradient_accumulation_normalises_by_the_target_tokens_of_the_whole_step(shapes, tmp_path):
+@pytest.mark.parametrize("average", ["token", "sample", "square"])
+def test_gradient_accumulation_normalises_by_the_target_tokens_of_the_whole_step(shapes, tmp_path, average):
     """Two micro-batches of 16 give the gradient of one batch of the same 32 samples: the LM loss
-    is a mean over the step's target tokens, not a mean of per-micro-batch means (captions and
-    answers differ in length). Off here: what depends on the micro-batch as a whole (aux and
-    z-losses, per-micro-batch means; the convolutional stem's BatchNorm statistics)."""
+    is a (weighted) mean over the step's target tokens, not a mean of per-micro-batch means
+    (captions and answers differ in length). Off here: what depends on the micro-batch as a whole
+    (aux and z-losses, per-micro-batch means; the convolutional stem's BatchNorm statistics)."""
     common = ["model.moe.aux_loss_weight=0", "model.moe.z_loss_weight=0", "train.clip_grad_norm=0",
-              "model.vision.conv_stem=null", "model.vision.patch_size=8"]
+              "model.vision.conv_stem=null", "model.vision.patch_size=8", f"train.loss_average={average}"]
     results = {}
     for grad_accum, batch_size in ((1, 32), (2, 16)):
         name = f"accum{grad_accum}"

@@ -10,7 +10,8 @@ Notable choices:
   and ``PADDING`` where the attention mask is 0, so padding reaches no expert, loss or statistic.
 - The loss is assembled in one place, ``_losses``: LM loss on target tokens (labels -100
   elsewhere; their mean, or their sum over ``num_items_in_batch`` as transformers' models take
-  it, so that a trainer gets the mean over the target tokens of a whole optimizer step), plus
+  it, so that a trainer gets the mean over the target tokens of a whole optimizer step; with
+  ``label_weights``, the weighted mean or weighted sum, e.g. every sample weighing the same), plus
   the load-balancing and z-losses averaged over MoE calls and weighted by ``config.moe``, and the
   optional pixel loss (``config.pixel_loss_weight``); each term is also returned on its own,
   with per-layer routing statistics.
@@ -66,6 +67,14 @@ def decoder_modality(is_image: Tensor, attention_mask: Tensor | None) -> Tensor:
         )
     is_data = attention_mask[:, -modality.shape[1] :].bool()  # with a KV cache, the mask covers past positions too
     return modality.masked_fill(~is_data, PADDING)
+
+
+def target_weights(labels: Tensor, power: float = 0.0) -> Tensor:
+    """``(B, T)`` loss weights: ``n ** -power`` at each of a row's ``n`` target positions, 0 elsewhere
+    (power 0: every target token counts the same; 1: every sample does)."""
+    is_target = labels != -100
+    count = is_target.sum(-1, keepdim=True).clamp(min=1).float()
+    return is_target * count.pow(-power)
 
 
 class VLMoEPreTrainedModel(PreTrainedModel):
@@ -177,6 +186,7 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         labels: Tensor | None = None,
         logits_to_keep: int | Tensor = 0,
         num_items_in_batch: Tensor | float | None = None,
+        label_weights: Tensor | None = None,
         **kwargs,
     ) -> VLMoEOutput:
         if input_ids is None:
@@ -196,7 +206,7 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
                 logits_to_keep=logits_to_keep, **kwargs,  # the KV cache and use_cache, by whichever name
             )
         routing = self._routing(vision_records, decoder_records)
-        losses = self._losses(out.logits, labels, routing, image_embeds, pixel_values, num_items_in_batch)
+        losses = self._losses(out.logits, labels, routing, image_embeds, pixel_values, num_items_in_batch, label_weights)
         return VLMoEOutput(**out, routing=routing, **losses)
 
     def _merge_image_embeds(self, inputs_embeds: Tensor, image_embeds: Tensor, is_image: Tensor) -> Tensor:
@@ -226,6 +236,7 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         image_embeds: Tensor | None,
         pixel_values: Tensor | None,
         num_items_in_batch: Tensor | float | None = None,
+        label_weights: Tensor | None = None,
     ) -> dict[str, Tensor | None]:
         if labels is None:  # generation: no loss terms (and no router statistics computed)
             return dict.fromkeys(("loss", "lm_loss", "aux_loss", "z_loss", "pixel_loss"))
@@ -234,12 +245,13 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         if routing:
             aux = moe.aux_loss_weight * torch.stack([r.output.load_balance_loss for r in routing]).mean()
             z = moe.z_loss_weight * torch.stack([r.output.z_loss for r in routing]).mean()
-        lm = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100,
-            reduction="mean" if num_items_in_batch is None else "sum",
+        labels = labels.to(logits.device)
+        weights = target_weights(labels) if label_weights is None else label_weights.to(logits.device)
+        token_losses = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="none",
         )
-        if num_items_in_batch is not None:
-            lm = lm / num_items_in_batch
+        weights = weights[:, 1:].flatten()
+        lm = (token_losses * weights).sum() / (weights.sum() if num_items_in_batch is None else num_items_in_batch)
         loss = lm if aux is None else lm + aux + z
         pixel = None
         if self.pixel_head is not None and image_embeds is not None:

@@ -172,6 +172,10 @@ class OptimConfig:
                 raise ValueError(f"optim.lr_mult.{group} must be >= 0, got {mult}")
 
 
+# train.loss_average -> p: each target token of a sample with n of them weighs n ** -p.
+LOSS_AVERAGES = {"token": 0.0, "square": 0.5, "sample": 1.0}
+
+
 @dataclass
 class TrainConfig:
     """Attributes:
@@ -183,6 +187,10 @@ class TrainConfig:
     overwrite: start afresh in a run folder that is not empty, deleting what it holds (without
         it, a fresh run refuses such a folder; ``--resume`` continues the run in it).
     lora: train LoRA adapters (``lora.rank > 0``; ``vlmoe/lora.py``) instead of every weight.
+    loss_average: how the LM loss averages over a step's targets (``LOSS_AVERAGES``): ``token``,
+        every target token weighs the same (a 15-token caption counts 15 times a one-word
+        answer); ``sample``, every sample weighs the same; ``square``, a sample of n target
+        tokens weighs sqrt(n) (InternVL 2.5's square averaging, between the two).
     """
 
     name: str = "run"
@@ -202,8 +210,11 @@ class TrainConfig:
     max_nonfinite: int = 5
     overwrite: bool = False
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    loss_average: str = "token"
 
     def __post_init__(self) -> None:
+        if self.loss_average not in LOSS_AVERAGES:
+            raise ValueError(f"train.loss_average={self.loss_average!r} is not one of {list(LOSS_AVERAGES)}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"train.mixed_precision={self.mixed_precision!r} is not one of {list(MIXED_PRECISION)}")
         for name in ("steps", "grad_accum", "log_every", "stats_every", "keep_checkpoints"):

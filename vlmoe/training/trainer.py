@@ -49,12 +49,12 @@ from transformers import AutoTokenizer
 from ..data import SKIP_REASONS, build_dataset, build_loader, expand_shards
 from ..evaluation.vqa_metrics import vqa_exact_match
 from ..lora import BASE, attach_lora, merge_lora
-from ..model.modeling import RoutingRecord
+from ..model.modeling import RoutingRecord, target_weights
 from ..model.upcycle import max_logit_difference
 from ..processing import VLMoEProcessor, build_model, load_run, train_tokenizer
 from ..tasks import GenerationCollate, TrainingCollate, generate_from_batch
 from .checkpoint import TRAINER_STATE, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, config_to_yaml
+from .config import LOSS_AVERAGES, Config, config_to_yaml
 from .launch import check_launch
 from .optim import build_optimizer, build_scheduler
 
@@ -373,11 +373,13 @@ class Trainer:
         totals = torch.zeros(len(LOSS_TERMS), device=acc.device)
         finite, routing, samples = True, [], 0
         micro_batches = [{k: v.to(acc.device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum)]
-        tokens = self._target_tokens_per_micro_batch(micro_batches)
+        for batch in micro_batches:
+            batch["label_weights"] = target_weights(batch["labels"], LOSS_AVERAGES[cfg.loss_average])
+        total_weight = self._target_weight_per_micro_batch(micro_batches)
         for batch in micro_batches:
             samples += batch["input_ids"].shape[0]
             with acc.accumulate(self.model), acc.autocast():
-                out = self.model(**batch, num_items_in_batch=tokens)
+                out = self.model(**batch, num_items_in_batch=total_weight)
                 loss = out.loss
                 terms = [getattr(out, name) for name in LOSS_TERMS]
                 totals += torch.stack([t.detach().float() if t is not None else loss.new_zeros(()) for t in terms])
@@ -400,16 +402,17 @@ class Trainer:
         means = acc.reduce(totals / cfg.grad_accum, reduction="mean").tolist()
         return dict(zip(LOSS_TERMS, means)), routing, samples
 
-    def _target_tokens_per_micro_batch(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """The step's target tokens over all processes, per process and micro-batch.
+    def _target_weight_per_micro_batch(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The step's total target weight over all processes, per process and micro-batch.
 
-        Each micro-batch's LM loss is its sum over tokens divided by this; ``backward`` divides by
-        ``grad_accum`` and DDP (FSDP, DeepSpeed) averages over processes, so the step's gradient is
-        that of the mean over all of its target tokens.
+        Each micro-batch's LM loss is its weighted sum over target tokens divided by this;
+        ``backward`` divides by ``grad_accum`` and DDP (FSDP, DeepSpeed) averages over processes, so
+        the step's gradient is that of the weighted mean over all of its target tokens (with
+        ``loss_average: token``, every weight is 1: the mean over the step's target tokens).
         """
         acc = self.accelerator
-        tokens = sum((batch["labels"][:, 1:] != -100).sum() for batch in micro_batches).float()
-        return acc.reduce(tokens, reduction="mean") / len(micro_batches)
+        weight = sum(batch["label_weights"].sum() for batch in micro_batches).float()
+        return acc.reduce(weight, reduction="mean") / len(micro_batches)
 
     def _on_nonfinite(self) -> None:
         self.state.nonfinite_in_a_row += 1
