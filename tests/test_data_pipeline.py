@@ -426,3 +426,25 @@ def test_training_without_readable_data_raises(tmp_path: Path) -> None:
     dataset = build_dataset(DataSource(str(tmp_path / "bad.tar"), "caption"), train=True, batch_size=2)
     with pytest.raises(RuntimeError, match="no readable sample"):
         next(iter(dataset))
+
+
+def test_training_samples_know_their_epoch_and_random_caption_targets_are_drawn_anew_each_epoch(tmp_path: Path) -> None:
+    """A training stream stamps each sample with the passes over its source before it; with
+    ``caption_target="random"`` a caption sample's target is one of its references, the same for the
+    same (shard, key, epoch) and drawn again in a new epoch; ``canonical`` is always the first."""
+    from vlmoe.tasks import training_target
+
+    captions = [f"caption {i}" for i in range(5)]
+    members = [m for i in range(4) for m in [(f"s{i}.png", png()), (f"s{i}.json", json.dumps({"captions": captions}))]]
+    write_tar(tmp_path / "a.tar", members)
+    stream = build_dataset(DataSource(str(tmp_path / "a.tar"), "caption"), train=True, batch_size=4, shuffle_buffer=1)
+    batches = [b for b, _ in zip(stream, range(12))]
+    samples = [s for b in batches for s in b.data]
+    assert [s.epoch for s in samples] == [e for e in range(12) for _ in range(4)]
+    by_epoch = [[training_target(s, "random") for s in samples[4 * e : 4 * e + 4]] for e in range(12)]
+    assert all(t in captions for epoch in by_epoch for t in epoch)
+    assert len({tuple(epoch) for epoch in by_epoch}) > 1  # new draws in new epochs
+    again = [s for b, _ in zip(build_dataset(DataSource(str(tmp_path / "a.tar"), "caption"), train=True, batch_size=4,
+                                             shuffle_buffer=1), range(12)) for s in b.data]
+    assert [training_target(s, "random") for s in again] == [t for epoch in by_epoch for t in epoch]
+    assert {training_target(s) for s in samples} == {"caption 0"}

@@ -275,6 +275,7 @@ def test_fsdp2_sharding_matches_unsharded_model(tmp_path):
         ("model.vision.mlp_ratio=4.0", "vision.mlp_ratio"),  # shared MoE layers: ViT MLP 512 wide, decoder's 256
         ("model.decoder.moe_every=2", "share_moe_layers needs as many MoE layers"),
         ("train.loss_average=mean", "train.loss_average='mean' is not one of ['token', 'square', 'sample']"),
+        ("data.caption_target=first", "data.caption_target='first' is not one of ['canonical', 'random']"),
     ],
 )
 def test_bad_config_names_the_key(override, match):

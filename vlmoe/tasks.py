@@ -1,8 +1,10 @@
 """Captioning and VQA: what the model is asked and what it should answer, and batched generation.
 
 Notable choices:
-- A caption sample trains on its canonical caption (``captions[0]``); a VQA sample on its most
-  frequent reference answer (the first of the most frequent on ties).
+- A caption sample trains on its canonical caption (``captions[0]``) or, with
+  ``caption_target="random"``, on one of its references drawn anew each epoch (a hash of the
+  sample's shard, key and epoch: the same draw on a resumed run, in any worker); a VQA sample on
+  its most frequent reference answer (the first of the most frequent on ties).
 - The collates are small picklable classes, so DataLoader worker processes can run them.
 - ``generate_texts`` is the one generation path that evaluation, validation during training
   and the caption script share: left-padded prompts, the KV cache, transformers' ``generate``.
@@ -10,6 +12,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter
 from typing import Sequence
 
@@ -20,10 +23,16 @@ from .data.sample import Sample
 from .processing import VLMoEProcessor
 
 
-def training_target(sample: Sample) -> str:
-    if sample.task == "caption":
+CAPTION_TARGETS = ("canonical", "random")
+
+
+def training_target(sample: Sample, caption_target: str = "canonical") -> str:
+    if sample.task == "vqa":
+        return Counter(sample.answers).most_common(1)[0][0]
+    if caption_target == "canonical":
         return sample.captions[0]
-    return Counter(sample.answers).most_common(1)[0][0]
+    draw = zlib.crc32(f"{sample.url}/{sample.key}/{sample.epoch}".encode())
+    return sample.captions[draw % len(sample.captions)]
 
 
 def question_of(sample: Sample) -> str | None:
@@ -33,12 +42,13 @@ def question_of(sample: Sample) -> str | None:
 class TrainingCollate:
     """Samples -> a training batch (prompt, target, labels on the target)."""
 
-    def __init__(self, processor: VLMoEProcessor):
+    def __init__(self, processor: VLMoEProcessor, caption_target: str = "canonical"):
         self.processor = processor
+        self.caption_target = caption_target
 
     def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         prompts = [self.processor.prompt(question_of(s)) for s in samples]
-        targets = [training_target(s) for s in samples]
+        targets = [training_target(s, self.caption_target) for s in samples]
         return self.processor.training_batch([s.image for s in samples], prompts, targets)
 
 

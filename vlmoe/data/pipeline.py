@@ -172,9 +172,12 @@ def to_samples(src: Iterable[dict[str, Any] | Skipped]) -> Iterator[Sample | Ski
             yield raw
             continue
         try:
-            yield parse_sample(raw, raw["__task__"])
+            sample = parse_sample(raw, raw["__task__"])
         except BadSample as bad:
             yield Skipped(bad.reason, raw["__url__"], raw["__key__"], bad.detail)
+            continue
+        sample.epoch = raw.get("__epoch__", 0)
+        yield sample
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ class TrainSource:
         buffer, rng = cursor.buffer, cursor.rng
         if cursor.done and not buffer:  # resuming just after this shard's last item
             return
-        items = enumerate(read_shard(url, {"__task__": self.task}))
+        items = enumerate(read_shard(url, {"__task__": self.task, "__epoch__": cursor.epoch}))
         if cursor.read:  # resuming inside this shard: refill the buffer, pass over what was delivered
             waiting = {index: slot for slot, (index, _) in enumerate(buffer)}
             for index, item in itertools.islice(items, cursor.read):

@@ -61,6 +61,7 @@ class Sample:
         image_id: ``json["image_id"]`` when present, else the key.
         question_type: ``json["question_type"]`` when present, else None.
         meta: the remaining fields of the sample's ``.json`` member.
+        epoch: the passes over its source before this one (training streams; 0 elsewhere).
     """
 
     key: str
@@ -74,6 +75,7 @@ class Sample:
     image_id: int | str | None = None
     question_type: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
 
 
 class BadSample(ValueError):

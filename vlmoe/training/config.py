@@ -24,6 +24,7 @@ from ..model.config import (
     CAPTION_PROMPT, VQA_PROMPT, DecoderConfig, ProjectorConfig, VisionConfig, VLMoEConfig,
 )
 from ..model.upcycle import check_parent_config, load_parent_config
+from ..tasks import CAPTION_TARGETS
 from ..moe import MoEConfig
 
 PARAM_GROUPS = ("vision", "decoder", "projector", "experts", "routers")
@@ -120,6 +121,8 @@ class DataConfig:
     """Attributes:
     train / val: shard sources (pattern, task, weight); training mixes ``train`` by weight.
     batch_size: samples per process per step (before gradient accumulation).
+    caption_target: what a caption sample trains on: ``canonical``, its first reference;
+        ``random``, one of its references, drawn anew each epoch (``vlmoe.tasks.training_target``).
     """
 
     train: list[SourceConfig] = field(default_factory=list)
@@ -128,8 +131,11 @@ class DataConfig:
     eval_batch_size: int = 64
     num_workers: int = 2
     shuffle_buffer: int = 1000
+    caption_target: str = "canonical"
 
     def __post_init__(self) -> None:
+        if self.caption_target not in CAPTION_TARGETS:
+            raise ValueError(f"data.caption_target={self.caption_target!r} is not one of {list(CAPTION_TARGETS)}")
         for name in ("batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")

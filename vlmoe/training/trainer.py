@@ -304,7 +304,7 @@ class Trainer:
             logger.warning("the checkpoint holds no data position (written by an older vlmoe): "
                            "the training data starts again from the beginning of the stream")
         self.train_loader = self._loader(self.config.data.train, True, self.config.data.batch_size,
-                                         TrainingCollate(self.processor),
+                                         TrainingCollate(self.processor, self.config.data.caption_target),
                                          position=positions[acc.process_index] if positions else None)
         return iter(self.train_loader)
 
