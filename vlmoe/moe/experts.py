@@ -215,6 +215,9 @@ class Experts(nn.Module):
             if bias is not None:
                 nn.init.uniform_(bias, -bound, bound)
 
+    # Group sizes are data: traced by torch.compile, every new pattern of sizes (and the host-side
+    # walk and form choice) would recompile, so the experts run eagerly inside a compiled model.
+    @torch.compiler.disable
     def forward(self, x: Tensor, dispatch: Dispatch) -> Tensor:
         """``x``: ``(T, D_in)``. Returns ``(T, D_out)``: each position's weighted sum of expert outputs."""
         if self.implementation == "loop":
