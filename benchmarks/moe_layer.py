@@ -137,7 +137,8 @@ def bench_shape(name: str, repeats: int, warmup: int, dtype: str = "float32") ->
     med = {k: {p: statistics.median(v) for p, v in t.items()} for k, t in times.items()}
     return [
         {
-            "shape": name, "dtype": dtype, "impl": key, "fwd_ms": round(m["fwd"], 4), "fwd_bwd_ms": round(m["fwd_bwd"], 4),
+            "shape": name, "dtype": dtype, "impl": key,
+            "fwd_ms": round(m["fwd"], 4), "fwd_bwd_ms": round(m["fwd_bwd"], 4),
             "fwd_vs_dense": round(m["fwd"] / med["dense"]["fwd"], 3),
             "fwd_bwd_vs_dense": round(m["fwd_bwd"] / med["dense"]["fwd_bwd"], 3),
         }

@@ -170,7 +170,8 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: str, tokenize
     out = {"dtype": "float32" if dtype == "float32" else "bfloat16 autocast (float32 weights)", "models": {}}
     for name in models:
         ms = train_ms[name]
-        out["models"][name] = {"train_step_ms": round(ms, 2), "train_samples_per_s": round(args.batch_size * 1000 / ms, 1)}
+        samples_per_s = round(args.batch_size * 1000 / ms, 1)
+        out["models"][name] = {"train_step_ms": round(ms, 2), "train_samples_per_s": samples_per_s}
         if args.compile:
             compiled = train_ms[f"{name}_compiled"]
             out["models"][name]["train_step_ms_compiled"] = round(compiled, 2)

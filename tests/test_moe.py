@@ -244,7 +244,8 @@ def test_cpu_block_forms_equal_loop(monkeypatch, variant, forms):
     else:
         monkeypatch.delenv(experts_module.FORM_ENV, raising=False)
     if forms == "mixed":  # tall weights (in_proj, out_proj.T) take one form, wide ones the other
-        tall_first = lambda form, x, weight, bias: float((form == "weight_first") != (weight.shape[0] > weight.shape[1]))  # noqa: E731
+        def tall_first(form, x, weight, bias):
+            return float((form == "weight_first") != (weight.shape[0] > weight.shape[1]))
         monkeypatch.setattr(experts_module, "_time_form", tall_first)
     out_g, gx_g, grads_g = run_layer(grouped, x, 0, grad_out)
     if forms == "mixed":
