@@ -1,11 +1,19 @@
 """MoE layer speed against the dense FFN of equal active FLOPs and transformers' MoE block.
 
-    python benchmarks/moe_layer.py            # a table
-    python benchmarks/moe_layer.py --json     # a list of {"shape", "impl", "fwd_ms", "fwd_bwd_ms", ...}
+    python benchmarks/moe_layer.py                            # a table, every allocator setting
+    python benchmarks/moe_layer.py --json                     # a list of {"shape", "impl", "fwd_ms", ...}
+    python benchmarks/moe_layer.py --dtype float32 bfloat16   # bf16 figures beside fp32
+    python benchmarks/moe_layer.py --allocator glibc --shapes D1 --repeats 3
 
-Every implementation gets the same weights and inputs and is timed in rotation in this one
-process (float32, 2 threads by default): forward under ``no_grad`` and forward+backward,
-median over ``--repeats`` rounds after warm-up. ``dense`` is a SwiGLU FFN of hidden width
+Every implementation gets the same weights and inputs and is timed in rotation in one process
+(2 threads by default): forward under ``no_grad`` and forward+backward, median over
+``--repeats`` rounds after warm-up. Each allocator setting (``benchmarks/machine.py``: glibc's
+default; ``reuse``, glibc keeping freed memory; ``thp``, transparent huge pages where the
+kernel allows them) runs in its own child process, since the allocator reads its settings at
+start-up; ratios are taken within one process, never across settings. ``bfloat16`` casts
+weights, inputs and output gradients to bf16 (no autocast; vlmoe's router still computes in
+float32). Every record carries the allocator setting, dtype, CPU model, ISA flags, torch
+version and thread count. ``dense`` is a SwiGLU FFN of hidden width
 ``top_k * ffn``: the same FLOPs per token as the MoE's active experts, the limit a MoE layer
 is measured against. ``hf_<impl>`` is transformers' ``MixtralSparseMoeBlock`` with each experts
 implementation that runs on this device.
@@ -15,17 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-from vlmoe.model.modeling import TEXT
-from vlmoe.moe import FeedForward, MoEConfig, MoELayer
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.machine import ALLOCATORS, available_allocators, describe, run_per_allocator  # noqa: E402
+from vlmoe.model.modeling import TEXT  # noqa: E402
+from vlmoe.moe import FeedForward, MoEConfig, MoELayer  # noqa: E402
 
 SHAPES = {  # name: (d, ffn, experts, top_k, tokens)
     "S1": (384, 1536, 8, 2, 4096),
@@ -34,6 +46,7 @@ SHAPES = {  # name: (d, ffn, experts, top_k, tokens)
     "D1": (384, 1536, 8, 2, 8),
 }
 HF_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class TextPositions(torch.nn.Module):
@@ -94,12 +107,12 @@ def timed(fn: Callable[[], None], inner: int) -> float:
     return (time.perf_counter() - start) * 1e3 / inner
 
 
-def bench_shape(name: str, repeats: int, warmup: int) -> list[dict]:
+def bench_shape(name: str, repeats: int, warmup: int, dtype: str = "float32") -> list[dict]:
     d, ffn, experts, top_k, tokens = SHAPES[name]
     torch.manual_seed(0)
-    variants = build_variants(d, ffn, experts, top_k)
-    x = torch.randn(1, tokens, d)
-    grad = torch.randn(1, tokens, d)
+    variants = {k: m.to(DTYPES[dtype]) for k, m in build_variants(d, ffn, experts, top_k).items()}
+    x = torch.randn(1, tokens, d, dtype=DTYPES[dtype])
+    grad = torch.randn(1, tokens, d, dtype=DTYPES[dtype])
     variants = {k: m for k, m in variants.items() if runs_here(k, m, x, top_k)}
 
     def fwd(module):
@@ -124,7 +137,8 @@ def bench_shape(name: str, repeats: int, warmup: int) -> list[dict]:
     med = {k: {p: statistics.median(v) for p, v in t.items()} for k, t in times.items()}
     return [
         {
-            "shape": name, "impl": key, "fwd_ms": round(m["fwd"], 4), "fwd_bwd_ms": round(m["fwd_bwd"], 4),
+            "shape": name, "dtype": dtype, "impl": key,
+            "fwd_ms": round(m["fwd"], 4), "fwd_bwd_ms": round(m["fwd_bwd"], 4),
             "fwd_vs_dense": round(m["fwd"] / med["dense"]["fwd"], 3),
             "fwd_bwd_vs_dense": round(m["fwd_bwd"] / med["dense"]["fwd_bwd"], 3),
         }
@@ -133,7 +147,16 @@ def bench_shape(name: str, repeats: int, warmup: int) -> list[dict]:
 
 
 def summary(records: list[dict]) -> dict:
-    """The figures the MoE layer is held to, from this run's records."""
+    """The figures the MoE layer is held to, per allocator setting and dtype (``ALLOC/DTYPE/KEY``)."""
+    out = {}
+    for group in sorted({(r["allocator"], r["dtype"]) for r in records}):
+        mine = [r for r in records if (r["allocator"], r["dtype"]) == group]
+        out.update({f"{group[0]}/{group[1]}/{key}": value for key, value in _summary(mine).items()})
+    return out
+
+
+def _summary(records: list[dict]) -> dict:
+    """The figures of one process's records (one allocator setting, one dtype)."""
     by = {(r["shape"], r["impl"]): r for r in records}
     shapes = sorted({r["shape"] for r in records})
     train = [s for s in shapes if s.startswith("S")]
@@ -142,34 +165,62 @@ def summary(records: list[dict]) -> dict:
         ratios = [by[(s, "vlmoe")]["fwd_bwd_vs_dense"] for s in train]
         out["vlmoe_fwd_bwd_vs_dense_geomean_S"] = round(statistics.geometric_mean(ratios), 3)
     for s in shapes:
-        best_hf = min((r for r in records if r["shape"] == s and r["impl"].startswith("hf_")), key=lambda r: r["fwd_bwd_ms"])
-        best_hf_fwd = min((r for r in records if r["shape"] == s and r["impl"].startswith("hf_")), key=lambda r: r["fwd_ms"])
+        hf = [r for r in records if r["shape"] == s and r["impl"].startswith("hf_")]
+        if not hf:
+            continue
+        best_hf = min(hf, key=lambda r: r["fwd_bwd_ms"])
+        best_hf_fwd = min(hf, key=lambda r: r["fwd_ms"])
         out[f"{s}_vlmoe_vs_best_hf_fwd_bwd"] = round(by[(s, "vlmoe")]["fwd_bwd_ms"] / best_hf["fwd_bwd_ms"], 3)
         out[f"{s}_vlmoe_vs_best_hf_fwd"] = round(by[(s, "vlmoe")]["fwd_ms"] / best_hf_fwd["fwd_ms"], 3)
     return out
 
 
+def measure(args: argparse.Namespace) -> list[dict]:
+    """This process's records: every shape and dtype under the allocator it started with."""
+    torch.set_num_threads(args.threads)
+    machine = describe(args.threads)
+    return [
+        {**r, **machine}
+        for dtype in args.dtype for name in args.shapes for r in bench_shape(name, args.repeats, args.warmup, dtype)
+    ]
+
+
+def print_table(records: list[dict]) -> None:
+    r0 = records[0]
+    print(f"# torch {r0['torch']}, {r0['cpu']} ({' '.join(r0['isa'])}), {r0['threads']} threads")
+    print(f"{'alloc':6} {'dtype':9} {'shape':6} {'impl':16} {'fwd_ms':>10} {'fwd_bwd_ms':>11} {'fwd/dense':>10} "
+          f"{'fwd_bwd/dense':>14}")
+    for r in records:
+        print(
+            f"{r['allocator']:6} {r['dtype']:9} {r['shape']:6} {r['impl']:16} {r['fwd_ms']:10.3f} "
+            f"{r['fwd_bwd_ms']:11.3f} {r['fwd_vs_dense']:10.3f} {r['fwd_bwd_vs_dense']:14.3f}"
+        )
+    print(json.dumps(summary(records), indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=list(DTYPES))
+    parser.add_argument("--allocator", nargs="+", default=available_allocators(), choices=list(ALLOCATORS),
+                        help="allocator settings, one child process each (default: every one this machine has)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print the records as JSON")
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure in this process, under the allocator it started with (what each child runs)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    records = [r for name in args.shapes for r in bench_shape(name, args.repeats, args.warmup)]
+    if args.in_process:
+        records = measure(args)
+    else:
+        child_argv = ["--shapes", *args.shapes, "--dtype", *args.dtype, "--repeats", str(args.repeats),
+                      "--warmup", str(args.warmup), "--threads", str(args.threads)]
+        records = run_per_allocator(__file__, child_argv, args.allocator)
     if args.json:
         print(json.dumps(records, indent=1))
-        return
-    print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, float32")
-    print(f"{'shape':6} {'impl':16} {'fwd_ms':>10} {'fwd_bwd_ms':>11} {'fwd/dense':>10} {'fwd_bwd/dense':>14}")
-    for r in records:
-        print(
-            f"{r['shape']:6} {r['impl']:16} {r['fwd_ms']:10.3f} {r['fwd_bwd_ms']:11.3f} "
-            f"{r['fwd_vs_dense']:10.3f} {r['fwd_bwd_vs_dense']:14.3f}"
-        )
-    print(json.dumps(summary(records), indent=1))
+    else:
+        print_table(records)
 
 
 if __name__ == "__main__":

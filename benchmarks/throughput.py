@@ -1,7 +1,9 @@
 """Training and captioning speed of the tiny MoE model against tiny-dense, side by side in one process.
 
-    python benchmarks/throughput.py                      # CPU, float32, 2 threads
-    python benchmarks/throughput.py --device cuda        # GPU, bf16 autocast
+    python benchmarks/throughput.py                              # CPU, float32, 2 threads
+    python benchmarks/throughput.py --dtype float32 bfloat16     # CPU, bf16 autocast beside fp32
+    python benchmarks/throughput.py --compile                    # + torch.compile'd train steps
+    python benchmarks/throughput.py --device cuda                # GPU, bf16 autocast
 
 Models come from ``configs/tiny.yaml`` and ``configs/tiny-dense.yaml`` (random weights; the
 tokenizer is trained on generated captions), inputs are shapes-set scenes drawn here, so nothing
@@ -13,16 +15,23 @@ warm-up, the models taking turns, so both see the same machine state.
 - captioning: ``generate`` with the KV cache, greedy, exactly ``--new-tokens`` new tokens
   (EOS ignored, so both models do the same work), at batch 1 and batch 32.
 
-Prints JSON: per model ``train_step_ms``, ``train_samples_per_s``, and per batch size
-``caption_ms`` and ``caption_images_per_s``, and the MoE / dense ratios.
+- ``--dtype``: ``float32``, or ``bfloat16`` autocast (weights and AdamW stay float32); each
+  dtype is measured in turn in this process, its models taking turns as above.
+- ``--compile``: a ``torch.compile``'d copy of each model (same seed, own optimizer) takes turns
+  with the eager one in the train step; warm-up includes the compilation. vlmoe's expert
+  computation runs eagerly inside the compiled model (its group sizes are data-dependent;
+  ``Experts.forward`` is excluded from compilation), and the model's other data-dependent
+  steps (padding lookup, image-token count) are graph breaks. Captioning is timed eagerly only.
+
+Prints JSON: machine fields, then per dtype, per model ``train_step_ms``,
+``train_samples_per_s`` (with ``--compile``: ``train_step_ms_compiled`` and the compiled / eager
+ratio), and per batch size ``caption_ms`` and ``caption_images_per_s``, and the MoE / dense ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -35,6 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import describe  # noqa: E402
 from data_scripts.make_shapes import draw_scene, make_captions, make_questions, sample_scene  # noqa: E402
 from vlmoe import build_model, train_tokenizer  # noqa: E402
 from vlmoe.training.config import load_config  # noqa: E402
@@ -54,15 +64,8 @@ def scenes(count: int, image_size: int, seed: int = 0) -> list[tuple]:
     return out
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one, with the core count."""
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return f"{names[0] if names else platform.machine()} ({os.cpu_count()} cores)"
-
-
-def build(config_path: str, tokenizer, device: torch.device):
+def build(config_path: str, tokenizer, device: torch.device, seed: int = 0):
+    torch.manual_seed(seed)  # so that a compiled copy starts from the eager model's weights
     config = load_config(str(ROOT / config_path))
     model, processor = build_model(config.model.to_vlmoe_config(), tokenizer)
     return model.to(device), processor, build_optimizer(model, config.optim)
@@ -98,6 +101,12 @@ def rotate(jobs: dict[str, callable], repeats: int, warmup: int, device: torch.d
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def autocast_for(device: torch.device, dtype: str):
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -106,15 +115,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"],
+                        help="float32 or bfloat16 autocast, each in turn (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile'd train steps (experts stay eager: data-dependent group sizes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     device = torch.device(args.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    dtypes = args.dtype or (["bfloat16"] if device.type == "cuda" else ["float32"])
 
     image_size = load_config(str(ROOT / MODELS["moe"])).model.vision.img_size
     data = scenes(max(args.batch_size, 32), image_size)
     tokenizer = train_tokenizer((t for _, c, q, a in scenes(2000, image_size, seed=1) for t in (c, q, a)), vocab_size=512)
+    result = {**describe(args.threads if device.type == "cpu" else None),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "batch_size": args.batch_size, "new_tokens": args.new_tokens, "by_dtype": {}}
+    for dtype in dtypes:
+        result["by_dtype"][dtype] = measure(args, device, dtype, tokenizer, data)
+    print(json.dumps(result, indent=1))
+
+
+def measure(args: argparse.Namespace, device: torch.device, dtype: str, tokenizer, data: list[tuple]) -> dict:
+    """One dtype's figures: train steps (eager, and compiled with ``--compile``) and captioning."""
+    autocast = autocast_for(device, dtype)
+    if args.compile:
+        torch._dynamo.reset()  # a fresh start per dtype: the last dtype's graphs would count against recompile limits
     models = {name: build(path, tokenizer, device) for name, path in MODELS.items()}
 
     def train_step(model, optimizer, batch):
@@ -133,16 +158,24 @@ def main(argv: list[str] | None = None) -> None:
                 model.generate(**batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
         return run
 
-    for model, _, _ in models.values():
+    jobs = {}
+    for name, (model, processor, optimizer) in models.items():
         model.train()
-    train_ms = rotate({name: train_step(m, opt, training_batch(p, data[: args.batch_size], device))
-                       for name, (m, p, opt) in models.items()}, args.repeats, args.warmup, device)
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-              "threads": args.threads if device.type == "cpu" else None,
-              "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32", "torch": torch.__version__,
-              "batch_size": args.batch_size, "new_tokens": args.new_tokens, "models": {}}
-    for name, ms in train_ms.items():
-        result["models"][name] = {"train_step_ms": round(ms, 2), "train_samples_per_s": round(args.batch_size * 1000 / ms, 1)}
+        batch = training_batch(processor, data[: args.batch_size], device)
+        jobs[name] = train_step(model, optimizer, batch)
+        if args.compile:
+            copy, _, copy_optimizer = build(MODELS[name], tokenizer, device)
+            jobs[f"{name}_compiled"] = train_step(torch.compile(copy.train()), copy_optimizer, batch)
+    train_ms = rotate(jobs, args.repeats, args.warmup, device)
+    out = {"dtype": "float32" if dtype == "float32" else "bfloat16 autocast (float32 weights)", "models": {}}
+    for name in models:
+        ms = train_ms[name]
+        samples_per_s = round(args.batch_size * 1000 / ms, 1)
+        out["models"][name] = {"train_step_ms": round(ms, 2), "train_samples_per_s": samples_per_s}
+        if args.compile:
+            compiled = train_ms[f"{name}_compiled"]
+            out["models"][name]["train_step_ms_compiled"] = round(compiled, 2)
+            out["models"][name]["compiled_vs_eager"] = round(compiled / ms, 3)
     for model, _, _ in models.values():
         model.eval()
     for batch_size in (1, 32):
@@ -152,11 +185,11 @@ def main(argv: list[str] | None = None) -> None:
             for name, (m, p, _) in models.items()
         }, args.repeats, args.warmup, device)
         for name, ms in caption_ms.items():
-            result["models"][name][f"caption_ms_batch{batch_size}"] = round(ms, 2)
-            result["models"][name][f"caption_images_per_s_batch{batch_size}"] = round(batch_size * 1000 / ms, 1)
-    moe, dense = result["models"]["moe"], result["models"]["dense"]
-    result["moe_vs_dense"] = {key: round(moe[key] / dense[key], 3) for key in moe if key.endswith("_ms") or "_ms_" in key}
-    print(json.dumps(result, indent=1))
+            out["models"][name][f"caption_ms_batch{batch_size}"] = round(ms, 2)
+            out["models"][name][f"caption_images_per_s_batch{batch_size}"] = round(batch_size * 1000 / ms, 1)
+    moe, dense = out["models"]["moe"], out["models"]["dense"]
+    out["moe_vs_dense"] = {key: round(moe[key] / dense[key], 3) for key in moe if key.endswith("_ms") or "_ms_" in key}
+    return out
 
 
 if __name__ == "__main__":

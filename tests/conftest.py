@@ -9,6 +9,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The experts' matmul form is otherwise timed per process: forcing one keeps results bitwise
+# reproducible across the processes some tests launch (tests of the autotune unset it).
+os.environ.setdefault("VLMOE_EXPERT_FORM", "rows_first")
 
 
 def load_script(name: str):

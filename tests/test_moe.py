@@ -218,11 +218,18 @@ def test_parameter_grads_without_input_grad(implementation):
         assert_close(grads[name], grads_ref[name], msg=name)
 
 
+def _forms_by_rows(threshold: int):
+    """A fake ``_time_form``: ``weight_first`` wins up to ``threshold`` rows, ``rows_first`` above."""
+    def time_form(form, x, weight, bias):
+        return float((form == "weight_first") == (x.shape[0] > threshold))
+    return time_form
+
+
 @pytest.mark.parametrize("variant", list(EXPERT_VARIANTS))
-@pytest.mark.parametrize("blocks", ["few_rows", "many_rows", "mixed"])
-def test_cpu_block_forms_equal_loop(monkeypatch, variant, blocks):
-    """Blocks of at most FEW_ROWS rows take ``(W @ x.T).T``, the rest ``x @ W.T``: each form,
-    and both in one call, equal the loop."""
+@pytest.mark.parametrize("forms", ["rows_first", "weight_first", "mixed", "measured"])
+def test_cpu_block_forms_equal_loop(monkeypatch, variant, forms):
+    """Each form of a CPU block's matmuls, both in one call (the autotune picks per shape class),
+    and whatever this machine's timing picks, equal the loop."""
     expert_type, bias, out_features = EXPERT_VARIANTS[variant]
     grouped = make_layer(num_experts=4, top_k=2, expert_type=expert_type, bias=bias, out=out_features)
     loop = clone_with(grouped, implementation="loop")
@@ -231,13 +238,48 @@ def test_cpu_block_forms_equal_loop(monkeypatch, variant, blocks):
     out_l, gx_l, grads_l = run_layer(loop, x, 0, grad_out)
     rows = (out_l.load * out_l.tokens[:, None] * 2).sum(0)  # rows of each expert's block
     assert rows.max() > rows.min(), rows
-    few_rows = {"few_rows": 10**6, "many_rows": 0, "mixed": int(rows.min())}[blocks]
-    monkeypatch.setattr(experts_module, "FEW_ROWS", few_rows)
+    monkeypatch.setattr(experts_module, "_chosen_forms", {})
+    if forms in experts_module.MATMUL_FORMS:
+        monkeypatch.setenv(experts_module.FORM_ENV, forms)
+    else:
+        monkeypatch.delenv(experts_module.FORM_ENV, raising=False)
+    if forms == "mixed":  # tall weights (in_proj, out_proj.T) take one form, wide ones the other
+        def tall_first(form, x, weight, bias):
+            return float((form == "weight_first") != (weight.shape[0] > weight.shape[1]))
+        monkeypatch.setattr(experts_module, "_time_form", tall_first)
     out_g, gx_g, grads_g = run_layer(grouped, x, 0, grad_out)
+    if forms == "mixed":
+        assert set(experts_module._chosen_forms.values()) == set(experts_module.MATMUL_FORMS)
     assert_close(out_g.hidden_states, out_l.hidden_states)
     assert_close(gx_g, gx_l)
     for name in grads_l:
         assert_close(grads_g[name], grads_l[name], msg=name)
+
+
+def test_autotune_measures_each_shape_class_once(monkeypatch):
+    """The first call of a shape class times the forms; later calls reuse the winner."""
+    monkeypatch.delenv(experts_module.FORM_ENV, raising=False)
+    monkeypatch.setattr(experts_module, "_chosen_forms", {})
+    timed = []
+    fake = _forms_by_rows(8)
+    monkeypatch.setattr(experts_module, "_time_form", lambda form, *args: timed.append(form) or fake(form, *args))
+    weight = torch.randn(6, 5, dtype=F64)
+    for rows in (3, 4, 2, 3, 30, 20):  # buckets 4, 4, 2, 4, 32, 32
+        x = torch.randn(rows, 5, dtype=F64)
+        assert_close(experts_module.expert_linear(x, weight), x @ weight.t(), atol=1e-12, rtol=0)
+    assert {key[0]: form for key, form in experts_module._chosen_forms.items()} == {
+        4: "weight_first", 2: "weight_first", 32: "rows_first",
+    }
+    assert len(timed) == 3 * 2 * 4  # three classes, two forms, a warm-up and three rounds each
+    # The transposed weight of the backward is another class.
+    experts_module.expert_linear(torch.randn(3, 6, dtype=F64), weight.t())
+    assert len(experts_module._chosen_forms) == 4
+
+
+def test_forced_form_must_exist(monkeypatch):
+    monkeypatch.setenv(experts_module.FORM_ENV, "fastest")
+    with pytest.raises(ValueError, match="VLMOE_EXPERT_FORM='fastest'"):
+        experts_module.expert_linear(torch.randn(3, 5), torch.randn(6, 5))
 
 
 @pytest.mark.parametrize("expert_type", ["swiglu", "gelu"])
@@ -247,17 +289,17 @@ def test_grouped_backward_gradcheck(expert_type):
     experts = Experts(3, 4, 5, expert_type=expert_type, dtype=F64)
     x = torch.randn(4, 4, dtype=F64, requires_grad=True)
     weights = torch.rand(5, dtype=F64, requires_grad=True)
-    token_idx, sizes = torch.tensor([0, 2, 3, 1, 2]), [3, 0, 2]
+    token_idx, counts = torch.tensor([0, 2, 3, 1, 2]), torch.tensor([3, 0, 2])
 
     def fn(x, weights, in_proj, in_bias, out_proj, out_bias):
         return GroupedExpertsFunction.apply(
-            x, weights, token_idx, sizes, in_proj, in_bias, out_proj, out_bias, experts.gated, experts.activation
+            x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, experts.gated, experts.activation
         )
 
     inputs = (x, weights, experts.in_proj, experts.in_bias, experts.out_proj, experts.out_bias)
     assert torch.autograd.gradcheck(fn, inputs)
     # And the loop implementation agrees on the same dispatch.
-    dispatch = Dispatch(token_idx, weights, sizes)
+    dispatch = Dispatch(token_idx, weights, counts)
     experts.implementation = "loop"
     y_loop = experts(x, dispatch)
     assert_close(fn(*inputs), y_loop)
@@ -970,6 +1012,51 @@ def test_padding_reaches_no_expert_loss_or_statistic(mode, routing):
     assert (grad[~data] == 0).all()
     garbage = x.detach().masked_fill(~data[..., None], 1e3)
     assert_close(layer(garbage, modality), padded.hidden_states, atol=0, rtol=0)
+
+
+HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "nonzero")
+
+
+def count_host_reads(monkeypatch) -> list[str]:
+    """Record every call of the Tensor methods that read device values on the host (a sync on CUDA)."""
+    calls = []
+    for name in HOST_READS:
+        def reading(self, *args, _name=name, _method=getattr(torch.Tensor, name), **kwargs):
+            calls.append(_name)
+            return _method(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, reading)
+    return calls
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "one_modality"])
+@pytest.mark.parametrize("blocks", ["per_expert", "grouped_mm"])
+def test_host_syncs_per_tower_forward(monkeypatch, blocks, padded):
+    """A tower of MoE layers reads device values on the host once per forward to find padding
+    (none for one int modality) and once per layer to walk the experts on CPU (none with
+    grouped_mm, whose offsets stay on the device); losses and backward read none."""
+    if blocks == "grouped_mm":
+        if not hasattr(F, "grouped_mm"):
+            pytest.skip("torch without grouped_mm")
+        monkeypatch.setattr(experts_module, "_grouped_mm_available", lambda device: True)
+    layers = [make_layer(dtype=torch.float32, num_experts=4, top_k=2, modality_mode="per_modality", seed=i)
+              for i in range(3)]
+    tower = nn.Sequential(*layers)
+    x = torch.randn(2, 8, DIM, requires_grad=True)
+    modality = _padded(two_modalities()) if padded else 1
+    with moe_scope(tower, modality) as expected_records:
+        expected = tower(x)
+    calls = count_host_reads(monkeypatch)
+    with moe_scope(tower, modality) as records:
+        y = tower(x)
+    forward_reads = list(calls)
+    loss = y.sum() + sum(layer.aux_loss(r) for layer, r in zip(layers, records))
+    loss.backward()
+    monkeypatch.undo()
+    per_layer = len(layers) if blocks == "per_expert" else 0
+    assert forward_reads == ["nonzero"] * padded + ["tolist"] * per_layer
+    assert calls == forward_reads  # the losses and the backward read nothing
+    assert_close(y, expected, atol=0, rtol=0)
+    assert [r.tokens.tolist() for r in records] == [r.tokens.tolist() for r in expected_records]
 
 
 def test_padding_refused_by_expert_choice():

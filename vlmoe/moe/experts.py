@@ -16,17 +16,23 @@ Notable choices:
      (``index_add_``); the routing weights' gradient is ``<dy, y>``.
   4. On CPU the work goes expert by expert (``_Blocks``): each expert's intermediates are a few
      megabytes, stay in cache and are reused by the allocator, where ``(N, H)`` buffers would be
-     fresh pages faulted in on every call. A block of at most ``FEW_ROWS`` rows (decoding)
-     computes ``(W @ x.T).T``, which BLAS runs about 3x faster than ``x @ W.T`` there. On
+     fresh pages faulted in on every call. Each block's ``x @ W.T`` takes the faster of two forms
+     (``x @ W.T`` or ``(W @ x.T).T``), measured once per process and shape class
+     (``expert_linear``): which one wins depends on the BLAS, the CPU, the dtype and the rows. On
      CUDA, ``torch.nn.functional.grouped_mm`` (where the installed torch has it) runs each
-     projection for all experts in one launch.
+     projection for all experts in one launch, with the group offsets on the device.
+  5. The group sizes stay on the device (``Dispatch.counts``); only the per-expert CPU walk and
+     the loop read them on the host (one sync per call), the grouped_mm path never does.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import os
+import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +47,6 @@ EXPERT_ACTIVATIONS = {
     ),
 }
 DEFAULT_ACTIVATION = {"swiglu": "silu", "gelu": "gelu"}
-# Up to this many rows, a CPU block computes ``(weight @ x.T).T``: about 3x faster than
-# ``x @ weight.T`` at decode (2-8 rows an expert); from ~64 rows on, the plain form wins
-# (measured with the whole layer: benchmarks/moe_layer.py, D1 and S1-S3).
-FEW_ROWS = 32
 
 
 @dataclass
@@ -54,12 +56,82 @@ class Dispatch:
     Attributes:
         token_idx: ``(N,)`` position of each assignment, experts' groups back to back.
         weights: ``(N,)`` routing weight of each assignment.
-        group_sizes: assignments per expert (length E), a plain list: the kernels slice on it.
+        counts: ``(E,)`` int64 assignments per expert, on the device (``N == counts.sum()``).
     """
 
     token_idx: Tensor
     weights: Tensor
-    group_sizes: list[int]
+    counts: Tensor
+
+    @cached_property
+    def group_sizes(self) -> list[int]:
+        """``counts`` on the host: one sync, for the kernels that slice per expert."""
+        return self.counts.tolist()
+
+
+# --------------------------------------------------------------------------------- matmul forms
+# One expert block's ``x @ W.T`` has two forms. Which is faster depends on the BLAS, the CPU, the
+# dtype and the shape (fp32 on one AMD EPYC: ``(W @ x.T).T`` ~3x faster up to 32 rows, slower
+# from ~64), so no fixed rule: each process times both once per shape class and keeps the winner.
+# ``VLMOE_EXPERT_FORM`` forces one (tests; runs that must be bitwise reproducible across processes).
+FORM_ENV = "VLMOE_EXPERT_FORM"
+
+
+def _rows_first(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return F.linear(x, weight, bias)
+
+
+def _weight_first(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    x = x.contiguous()  # so that x.T is column-major, the layout this form is fast with
+    out = torch.mm(weight, x.t()) if bias is None else torch.addmm(bias[:, None], weight, x.t())
+    return out.t()
+
+
+MATMUL_FORMS = {"rows_first": _rows_first, "weight_first": _weight_first}
+_chosen_forms: dict[tuple, str] = {}  # shape class -> form, filled by _autotune
+
+
+def shape_class(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple:
+    """Calls that share a form: rows rounded up to a power of two, the weight's shape and layout."""
+    rows = 1 << max(x.shape[0] - 1, 0).bit_length()
+    return rows, tuple(weight.shape), weight.stride(), bias is not None, x.dtype, x.device.type
+
+
+def _time_form(form: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> float:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    MATMUL_FORMS[form](x, weight, bias)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _autotune(x: Tensor, weight: Tensor, bias: Tensor | None, rounds: int = 3) -> str:
+    """The form with the lowest best-of-``rounds`` time on these operands (after one warm-up each)."""
+    best = {form: math.inf for form in MATMUL_FORMS}
+    for _ in range(rounds + 1):  # the forms take turns, so both see the same machine state
+        for form in MATMUL_FORMS:
+            best[form] = min(best[form], _time_form(form, x, weight, bias))
+    return min(best, key=best.get)
+
+
+def expert_form(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> str:
+    """The form ``expert_linear`` uses for these operands: forced, cached, or measured now."""
+    forced = os.environ.get(FORM_ENV)
+    if forced:
+        if forced not in MATMUL_FORMS:
+            raise ValueError(f"{FORM_ENV}={forced!r} is not one of {list(MATMUL_FORMS)}")
+        return forced
+    key = shape_class(x, weight, bias)
+    if key not in _chosen_forms:
+        _chosen_forms[key] = _autotune(x, weight, bias)
+    return _chosen_forms[key]
+
+
+def expert_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T (+ bias)`` for one expert's rows, in this shape class's faster form."""
+    return MATMUL_FORMS[expert_form(x, weight, bias)](x, weight, bias)
 
 
 def _check_activation(name: str) -> None:
@@ -143,13 +215,16 @@ class Experts(nn.Module):
             if bias is not None:
                 nn.init.uniform_(bias, -bound, bound)
 
+    # Group sizes are data: traced by torch.compile, every new pattern of sizes (and the host-side
+    # walk and form choice) would recompile, so the experts run eagerly inside a compiled model.
+    @torch.compiler.disable
     def forward(self, x: Tensor, dispatch: Dispatch) -> Tensor:
         """``x``: ``(T, D_in)``. Returns ``(T, D_out)``: each position's weighted sum of expert outputs."""
         if self.implementation == "loop":
             return self._forward_loop(x, dispatch)
         if self.implementation == "grouped":
             return GroupedExpertsFunction.apply(
-                x, dispatch.weights.to(x.dtype), dispatch.token_idx, dispatch.group_sizes,
+                x, dispatch.weights.to(x.dtype), dispatch.token_idx, dispatch.counts,
                 self.in_proj, self.in_bias, self.out_proj, self.out_bias, self.gated, self.activation,
             )
         raise ValueError(f"implementation={self.implementation!r} is not one of ['grouped', 'loop']")
@@ -198,35 +273,40 @@ class _Blocks:
     On CPU, a block per expert: its projections and activation run back to back while its rows
     are in cache, and every intermediate is one expert's rows (megabytes, reused by the
     allocator; an ``(N, H)`` buffer would be fresh pages to fault in on every call). With
-    ``F.grouped_mm`` (CUDA), one block holds every expert and each projection is one launch.
+    ``F.grouped_mm`` (CUDA), one block holds every expert, each projection is one launch, and the
+    group sizes never leave the device.
     """
 
-    def __init__(self, sizes: list[int], device: torch.device, grouped: bool):
-        self.sizes = sizes
-        self.offsets = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32) if grouped else None
+    def __init__(self, counts: Tensor, rows: int, grouped: bool):
+        self.counts, self.rows = counts, rows
         if grouped:
-            self.blocks = [(slice(0, sum(sizes)), slice(0, len(sizes)))]
+            self.offsets = counts.cumsum(0).to(torch.int32)
+            self.blocks = [(slice(0, rows), slice(0, counts.shape[0]))]
         else:
-            starts = itertools.accumulate(sizes, initial=0)
-            self.blocks = [(slice(s, s + n), slice(e, e + 1)) for e, (s, n) in enumerate(zip(starts, sizes)) if n]
+            self.offsets = None
+            self.sizes = counts.tolist()  # the walk slices on the host: this call's one sync
+            starts = itertools.accumulate(self.sizes, initial=0)
+            self.blocks = [(slice(s, s + n), slice(e, e + 1)) for e, (s, n) in enumerate(zip(starts, self.sizes)) if n]
+
+    @cached_property
+    def expert_of_row(self) -> Tensor:
+        """``(N,)`` the expert of each assignment (grouped path; no host sync)."""
+        experts = torch.arange(self.counts.shape[0], device=self.counts.device)
+        return experts.repeat_interleave(self.counts, output_size=self.rows)
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """``x @ weight[e].T (+ bias[e])`` for the block's experts; ``weight`` is ``(E_b, out, in)``."""
         if self.offsets is None:
-            if x.shape[0] <= FEW_ROWS:
-                x = x.contiguous()  # the fast form wants x.T column-major
-                out = torch.mm(weight[0], x.t()) if bias is None else torch.addmm(bias[0][:, None], weight[0], x.t())
-                return out.t()
-            return F.linear(x, weight[0], None if bias is None else bias[0])
+            return expert_linear(x, weight[0], None if bias is None else bias[0])
         out = F.grouped_mm(x, weight.transpose(1, 2), offs=self.offsets)
         if bias is not None:
-            out += bias.repeat_interleave(torch.tensor(self.sizes, device=x.device), dim=0)
+            out += bias[self.expert_of_row]
         return out
 
     def input_grad(self, grad: Tensor, weight: Tensor) -> Tensor:
         """``grad @ weight[e]`` for the block's experts."""
         if self.offsets is None:
-            return torch.mm(grad, weight[0])
+            return expert_linear(grad, weight[0].t())
         return F.grouped_mm(grad, weight, offs=self.offsets)
 
     def weight_grad(self, grad: Tensor, inputs: Tensor, buffer: Tensor, experts: slice) -> Tensor:
@@ -241,9 +321,18 @@ class _Blocks:
         if buffer is None:
             return None
         if self.offsets is not None:
-            return torch.stack([g.sum(0) for g in grad.split(self.sizes)])
+            return buffer.zero_().index_add_(0, self.expert_of_row, grad)
         torch.sum(grad, dim=0, out=buffer[experts.start])
         return buffer
+
+    def zero_idle(self, grad: Tensor) -> None:
+        """Zero the gradient of the experts that got no rows (never written, or undefined)."""
+        if self.offsets is not None:
+            grad.masked_fill_((self.counts == 0).view(-1, *[1] * (grad.dim() - 1)), 0)
+            return
+        idle = [e for e, size in enumerate(self.sizes) if size == 0]
+        if idle:
+            grad[idle] = 0
 
 
 def _activate(h: Tensor, gated: bool, act) -> tuple[Tensor, Tensor | None]:
@@ -267,7 +356,7 @@ class GroupedExpertsFunction(torch.autograd.Function):
     """Fused gather -> expert FFNs -> weighted scatter-add, block by block, with a hand-written backward."""
 
     @staticmethod
-    def forward(ctx, x, weights, token_idx, sizes, in_proj, in_bias, out_proj, out_bias, gated, activation):
+    def forward(ctx, x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation):
         # Under autocast, compute in the autocast dtype explicitly (backward runs outside autocast).
         ctx.dtypes = (x.dtype, weights.dtype, in_proj.dtype, None if in_bias is None else in_bias.dtype)
         device = x.device.type
@@ -275,14 +364,15 @@ class GroupedExpertsFunction(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
             return GroupedExpertsFunction._forward(
-                ctx, cast(x), cast(weights), token_idx, sizes, cast(in_proj), cast(in_bias), cast(out_proj),
+                ctx, cast(x), cast(weights), token_idx, counts, cast(in_proj), cast(in_bias), cast(out_proj),
                 cast(out_bias), gated, activation,
             )
 
     @staticmethod
-    def _forward(ctx, x, weights, token_idx, sizes, in_proj, in_bias, out_proj, out_bias, gated, activation):
+    def _forward(ctx, x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation):
         act = EXPERT_ACTIVATIONS[activation][0]
-        plan = _Blocks(sizes, x.device, _grouped_mm_available(x.device) and _grouped_mm_accepts(x, in_proj, out_proj))
+        grouped = _grouped_mm_available(x.device) and _grouped_mm_accepts(x, in_proj, out_proj)
+        plan = _Blocks(counts, token_idx.shape[0], grouped)
         out = x.new_zeros(x.shape[0], out_proj.shape[1])  # (T, D_out)
         saved = []
         for rows, experts in plan.blocks:
@@ -320,10 +410,9 @@ class GroupedExpertsFunction(torch.autograd.Function):
             grad_in_bias = plan.bias_grad(gh, grad_in_bias, experts)
             if need_x:
                 grad_x.index_add_(0, token_idx[rows], plan.input_grad(gh, in_proj[experts]))
-        idle = [e for e, size in enumerate(plan.sizes) if size == 0]
         for grad in (grad_in_proj, grad_out_proj, grad_in_bias, grad_out_bias):
-            if grad is not None and idle:
-                grad[idle] = 0  # experts that got no rows
+            if grad is not None:
+                plan.zero_idle(grad)
         x_dtype, weights_dtype, param_dtype, bias_dtype = ctx.dtypes
         to = lambda t, dtype: None if t is None else t.to(dtype)  # noqa: E731
         return (

@@ -12,7 +12,11 @@ Notable choices:
   neither an explicit modality nor a scope raises: there is no silent default modality.
 - Padding is not data: positions whose modality is ``PADDING`` are removed before the router,
   so no expert computes them and no loss, statistic or capacity counts them; their output is 0
-  (the residual passes them through). The model marks them from the attention mask.
+  (the residual passes them through). The model marks them from the attention mask. Finding
+  them reads the mask on the host: ``moe_scope`` does it once per forward for every layer of
+  the tower (and not at all for a modality given as one int).
+- Host syncs: at most one per layer call on CPU (the per-expert walk reads the group sizes),
+  none in the grouped_mm path; counts use ``router.count``, not CUDA's syncing ``bincount``.
 - Aux losses: the Switch load-balancing loss (Fedus et al. 2021, eq. 4, in the top-k form
   transformers' ``load_balancing_loss_func`` uses) computed per modality over the experts the
   modality may use and averaged over the modalities present; the router z-loss
@@ -33,7 +37,7 @@ from torch import Tensor, nn
 
 from .config import MoEConfig
 from .experts import Experts, FeedForward
-from .router import RouterOutput, TokenChoiceRouter, build_router
+from .router import RouterOutput, TokenChoiceRouter, build_router, count
 
 # The modality of a position that is not data (padding): it routes nowhere.
 PADDING = -1
@@ -70,14 +74,14 @@ class MoEOutput:
 
     @cached_property
     def tokens(self) -> Tensor:
-        return torch.bincount(self._modality, minlength=self._config.num_modalities)  # (M,)
+        return count(self._modality, self._config.num_modalities)  # (M,)
 
     @cached_property
     def _counts(self) -> Tensor:
         """``(M, E)`` assignments before drops."""
         m, e = self._config.num_modalities, self._config.num_experts
         index = self._modality[self._positions] * e + self._experts
-        return torch.bincount(index, minlength=m * e).view(m, e).float()
+        return count(index, m * e).view(m, e).float()
 
     def _per_modality_mean(self, values: Tensor) -> Tensor:
         """Mean of per-position ``values`` over each modality's positions."""
@@ -94,7 +98,10 @@ class MoEOutput:
 
     @cached_property
     def load_balance_loss(self) -> Tensor:
-        return self.load_balance[self.tokens > 0].mean() if self._token_choice else self._probs.new_zeros(())
+        if not self._token_choice:
+            return self._probs.new_zeros(())
+        present = (self.tokens > 0).to(self.load_balance.dtype)  # a mask, not an index: no host sync
+        return (self.load_balance * present).sum() / present.sum()
 
     @cached_property
     def z_loss(self) -> Tensor:
@@ -110,8 +117,37 @@ class MoEOutput:
 
     @cached_property
     def dropped(self) -> Tensor:
-        dropped = torch.bincount(self._modality[self._dropped], minlength=self._config.num_modalities).float()
+        dropped = count(self._modality[self._dropped], self._config.num_modalities).float()
         return dropped / self._counts.sum(-1).clamp(min=1)
+
+
+def flat_modality(modality: Tensor | int, lead_shape: torch.Size, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The modality of the data positions ``(T_data,)`` and their indices among the ``T`` positions
+    of ``lead_shape`` (None when every position is data). A tensor costs one host sync (finding
+    the padding); one int for all positions costs none."""
+    if not isinstance(modality, Tensor):
+        flat = torch.full((lead_shape.numel(),), int(modality), dtype=torch.long, device=device)
+        return (flat, None) if modality != PADDING else (flat[:0], flat[:0])
+    flat = modality.to(device=device, dtype=torch.long).expand(lead_shape).reshape(-1)  # (T,)
+    data = (flat != PADDING).nonzero().squeeze(1)  # the sync
+    if data.numel() == flat.numel():
+        return flat, None
+    return flat[data], data
+
+
+class ScopeModality:
+    """A ``moe_scope``'s modality, resolved once per input shape and device and reused by every
+    layer of the forward: the tower's padding is looked up once, not in every layer."""
+
+    def __init__(self, modality: Tensor | int):
+        self.modality = modality
+        self._resolved: dict[tuple, tuple[Tensor, Tensor | None]] = {}
+
+    def resolve(self, lead_shape: torch.Size, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        key = (tuple(lead_shape), device)
+        if key not in self._resolved:
+            self._resolved[key] = flat_modality(self.modality, lead_shape, device)
+        return self._resolved[key]
 
 
 # Activation modules by class name: torch's and transformers' (ACT2FN) spellings.
@@ -175,7 +211,7 @@ class MoELayer(nn.Module):
                 bias=bias, activation=self.experts.activation, **dd,
             )
         self.drop = nn.Dropout(drop)
-        self._scope: tuple[Tensor | int | None, list[MoEOutput]] | None = None
+        self._scope: tuple[ScopeModality, list[MoEOutput]] | None = None
 
     def forward(self, x: Tensor, modality: Tensor | int | None = None) -> Tensor:
         out = self.forward_with_aux(x, modality)
@@ -192,10 +228,12 @@ class MoELayer(nn.Module):
         """
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, D)
-        modality = self._modality(modality, shape[:-1], x.device)  # (T,)
-        data = self._data_positions(modality)
+        modality, data = self._modality(modality, shape[:-1], x.device)  # (T_data,)
         if data is not None:
-            x, modality = x[data], modality[data]  # (T_data, D), (T_data,)
+            if not isinstance(self.router, TokenChoiceRouter):
+                # Expert choice ranks whole sequences; removing padding would mix them.
+                raise ValueError("moe.router='expert_choice' takes no padding positions (modality PADDING)")
+            x = x.index_select(0, data)  # (T_data, D)
         sequences = math.prod(shape[:-2])  # expert choice ranks within each (never padded) sequence
         router_out = self.router(x, modality, sequences)
         dispatch, positions, experts, dropped = self.router.dispatch(router_out)
@@ -208,26 +246,18 @@ class MoELayer(nn.Module):
         token_choice = isinstance(self.router, TokenChoiceRouter)
         return MoEOutput(y, router_out, modality, positions, experts, dropped, self.config, token_choice)
 
-    def _modality(self, modality: Tensor | int | None, lead_shape: torch.Size, device: torch.device) -> Tensor:
+    def _modality(
+        self, modality: Tensor | int | None, lead_shape: torch.Size, device: torch.device
+    ) -> tuple[Tensor, Tensor | None]:
+        """The data positions' modality and indices (``flat_modality``), from the scope if it gives them."""
         if modality is None and self._scope is not None:
-            modality = self._scope[0]
+            return self._scope[0].resolve(lead_shape, device)
         if modality is None:
             raise ValueError(
                 "MoELayer needs each position's modality: call it as layer(x, modality) or inside "
                 "moe_scope(model, modality)"
             )
-        modality = torch.as_tensor(modality, device=device, dtype=torch.long)
-        return modality.expand(lead_shape).reshape(-1)
-
-    def _data_positions(self, modality: Tensor) -> Tensor | None:
-        """Indices of the positions that are data, or None when all are (nothing to remove)."""
-        is_data = modality != PADDING
-        if bool(is_data.all()):
-            return None
-        if not isinstance(self.router, TokenChoiceRouter):
-            # Expert choice ranks whole sequences; removing padding would mix them.
-            raise ValueError("moe.router='expert_choice' takes no padding positions (modality PADDING)")
-        return is_data.nonzero().squeeze(1)
+        return flat_modality(modality, lead_shape, device)
 
     def aux_loss(self, out: MoEOutput) -> Tensor:
         """The weighted aux loss this layer adds to the training loss."""
@@ -319,13 +349,15 @@ def moe_scope(module: nn.Module, modality: Tensor | int) -> Iterator[list[MoEOut
 
     ``modality`` must broadcast to the leading shape of the inputs those layers see (``PADDING``
     marks positions that are not data). Yields the list the layers append their ``MoEOutput``
-    to, in call order. Restores the previous scope on exit, so scopes nest.
+    to, in call order. Restores the previous scope on exit, so scopes nest. The data positions
+    are found once for the whole scope (``ScopeModality``), not once per layer.
     """
     layers = moe_layers_of(module)
     records: list[MoEOutput] = []
     previous = [layer._scope for layer in layers]
+    shared = ScopeModality(modality)
     for layer in layers:
-        layer._scope = (modality, records)
+        layer._scope = (shared, records)
     try:
         yield records
     finally:

@@ -44,6 +44,12 @@ class RouterOutput:
     indices: Tensor
 
 
+def count(index: Tensor, size: int) -> Tensor:
+    """``torch.bincount(index, minlength=size)`` for indices below ``size``, without the host sync
+    CUDA's bincount makes to find the largest index."""
+    return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
+
+
 class Router(nn.Module, ABC):
     """Scores each position against each expert; subclasses decide who picks whom."""
 
@@ -116,7 +122,7 @@ class TokenChoiceRouter(Router):
         experts = router_out.indices.t().reshape(-1)  # (k*T,)
         weights = router_out.weights.t().reshape(-1)
         order = experts.argsort(stable=True)
-        counts = torch.bincount(experts, minlength=self.num_experts)
+        counts = count(experts, self.num_experts)
         token_idx = order % num_tokens
         weights = weights[order]
         positions = torch.arange(num_tokens, device=experts.device).repeat(k)
@@ -124,12 +130,14 @@ class TokenChoiceRouter(Router):
         if self.config.capacity_factor is not None:
             capacity = math.ceil(self.config.capacity_factor * num_tokens * k / self.num_experts)
             starts = counts.cumsum(0) - counts
-            rank = torch.arange(order.numel(), device=order.device) - starts.repeat_interleave(counts)
+            rank = torch.arange(order.numel(), device=order.device) - starts.repeat_interleave(
+                counts, output_size=order.numel()
+            )
             keep = rank < capacity
             dropped = token_idx[~keep]
             token_idx, weights = token_idx[keep], weights[keep]
             counts = counts.clamp(max=capacity)
-        dispatch = Dispatch(token_idx, weights, counts.tolist())
+        dispatch = Dispatch(token_idx, weights, counts)
         return dispatch, positions, experts, dropped
 
 
@@ -156,8 +164,7 @@ class ExpertChoiceRouter(Router):
         # A blocked (partitioned) expert may have had to pick positions with zero probability.
         keep = weights > 0
         token_idx, weights, experts = token_idx[keep], weights[keep], experts[keep]
-        counts = torch.bincount(experts, minlength=num_experts)
-        return Dispatch(token_idx, weights, counts.tolist()), token_idx, experts, token_idx[:0]
+        return Dispatch(token_idx, weights, count(experts, num_experts)), token_idx, experts, token_idx[:0]
 
 
 def build_router(in_features: int, config: MoEConfig, causal: bool, device=None, dtype=None) -> Router:
