@@ -8,6 +8,8 @@ Tiny sizes, CPU, float64 where the comparison is exact up to rounding.
 
 from __future__ import annotations
 
+import json
+
 import dataclasses
 import functools
 import math
@@ -267,13 +269,30 @@ def test_autotune_measures_each_shape_class_once(monkeypatch):
     for rows in (3, 4, 2, 3, 30, 20):  # buckets 4, 4, 2, 4, 32, 32
         x = torch.randn(rows, 5, dtype=F64)
         assert_close(experts_module.expert_linear(x, weight), x @ weight.t(), atol=1e-12, rtol=0)
-    assert {key[0]: form for key, form in experts_module._chosen_forms.items()} == {
-        4: "weight_first", 2: "weight_first", 32: "rows_first",
+    assert {key.split()[0]: form for key, form in experts_module._chosen_forms.items()} == {
+        "rows=4": "weight_first", "rows=2": "weight_first", "rows=32": "rows_first",
     }
     assert len(timed) == 3 * 2 * 4  # three classes, two forms, a warm-up and three rounds each
     # The transposed weight of the backward is another class.
     experts_module.expert_linear(torch.randn(3, 6, dtype=F64), weight.t())
     assert len(experts_module._chosen_forms) == 4
+
+
+def test_chosen_forms_are_restored_not_measured_again(monkeypatch):
+    """What a checkpoint keeps (``chosen_forms``) comes back in a new process (``restore_forms``)
+    without timing: a resumed run computes with the forms of the run it continues."""
+    monkeypatch.delenv(experts_module.FORM_ENV, raising=False)
+    monkeypatch.setattr(experts_module, "_chosen_forms", {})
+    monkeypatch.setattr(experts_module, "_time_form", _forms_by_rows(8))
+    weight, x = torch.randn(6, 5, dtype=F64), torch.randn(3, 5, dtype=F64)
+    experts_module.expert_linear(x, weight)
+    saved = json.loads(json.dumps(experts_module.chosen_forms()))
+    monkeypatch.setattr(experts_module, "_chosen_forms", {})
+    monkeypatch.setattr(experts_module, "_time_form", lambda *args: pytest.fail("measured again"))
+    experts_module.restore_forms(saved)
+    assert experts_module.expert_form(x, weight) == "weight_first"
+    with pytest.raises(ValueError, match="'fastest'"):
+        experts_module.restore_forms({"rows=4": "fastest"})
 
 
 def test_forced_form_must_exist(monkeypatch):

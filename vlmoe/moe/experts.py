@@ -74,6 +74,8 @@ class Dispatch:
 # dtype and the shape (fp32 on one AMD EPYC: ``(W @ x.T).T`` ~3x faster up to 32 rows, slower
 # from ~64), so no fixed rule: each process times both once per shape class and keeps the winner.
 # ``VLMOE_EXPERT_FORM`` forces one (tests; runs that must be bitwise reproducible across processes).
+# The forms round differently, so a checkpoint keeps the choices (``chosen_forms``) and a resumed
+# run takes them back (``restore_forms``) instead of measuring again: the resume stays bit-exact.
 FORM_ENV = "VLMOE_EXPERT_FORM"
 
 
@@ -88,13 +90,15 @@ def _weight_first(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 MATMUL_FORMS = {"rows_first": _rows_first, "weight_first": _weight_first}
-_chosen_forms: dict[tuple, str] = {}  # shape class -> form, filled by _autotune
+_chosen_forms: dict[str, str] = {}  # shape class -> form, filled by _autotune
 
 
-def shape_class(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple:
-    """Calls that share a form: rows rounded up to a power of two, the weight's shape and layout."""
+def shape_class(x: Tensor, weight: Tensor, bias: Tensor | None) -> str:
+    """Calls that share a form: rows rounded up to a power of two, the weight's shape and layout
+    (a string: the choices go into checkpoints as JSON)."""
     rows = 1 << max(x.shape[0] - 1, 0).bit_length()
-    return rows, tuple(weight.shape), weight.stride(), bias is not None, x.dtype, x.device.type
+    shape, stride = "x".join(map(str, weight.shape)), ",".join(map(str, weight.stride()))
+    return f"rows={rows} weight={shape} stride={stride} bias={bias is not None} {x.dtype} {x.device.type}"
 
 
 def _time_form(form: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> float:
@@ -114,6 +118,19 @@ def _autotune(x: Tensor, weight: Tensor, bias: Tensor | None, rounds: int = 3) -
         for form in MATMUL_FORMS:
             best[form] = min(best[form], _time_form(form, x, weight, bias))
     return min(best, key=best.get)
+
+
+def chosen_forms() -> dict[str, str]:
+    """This process's choices so far (a checkpoint keeps them)."""
+    return dict(_chosen_forms)
+
+
+def restore_forms(saved: dict[str, str]) -> None:
+    """Take back the choices of ``chosen_forms()`` (the same process's, before a resume)."""
+    unknown = sorted(set(saved.values()) - set(MATMUL_FORMS))
+    if unknown:
+        raise ValueError(f"saved expert matmul forms {unknown} are not among {list(MATMUL_FORMS)}")
+    _chosen_forms.update(saved)
 
 
 def expert_form(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> str:

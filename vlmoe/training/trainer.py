@@ -24,6 +24,8 @@ Notable choices:
 - ``model.init_from`` starts from a vlmoe checkpoint (``vlmoe.model.upcycle``): its tokenizer, its
   weights, its dense MLPs upcycled where the config puts MoE layers; a fresh run logs at step 0 the
   largest logit difference to it on one validation batch (``upcycle/max_logit_diff``).
+- The expert matmul forms each process autotuned (``vlmoe/moe/experts.py``; they round
+  differently) are kept in every checkpoint and taken back on resume, so a resume stays bit-exact.
 - A non-finite loss on any process skips the whole step on every process (no update); more
   than ``max_nonfinite`` in a row stop the run, leaving the last good checkpoint as it was.
 """
@@ -50,6 +52,7 @@ from ..data import SKIP_REASONS, build_dataset, build_loader, expand_shards
 from ..evaluation.vqa_metrics import vqa_exact_match
 from ..lora import BASE, attach_lora, merge_lora
 from ..model.modeling import RoutingRecord, target_weights
+from ..moe.experts import chosen_forms, restore_forms
 from ..model.upcycle import max_logit_difference
 from ..processing import VLMoEProcessor, build_model, load_run, train_tokenizer
 from ..tasks import GenerationCollate, TrainingCollate, generate_from_batch
@@ -78,6 +81,7 @@ class TrainerState:
     history: dict[str, Any] = field(default_factory=dict)
     data_positions: list[dict[str, Any]] | None = None  # per process: its training stream's position
     skipped: dict[str, int] = field(default_factory=dict)  # training samples skipped before, per reason
+    expert_forms: list[dict[str, str]] | None = None  # per process: its autotuned expert matmul forms
 
 
 def start_checkpoint(run_dir: str, resume: str | None, overwrite: bool) -> str | None:
@@ -319,7 +323,7 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         """Every process calls it: the data positions and skip counts are gathered first."""
         state = {**vars(self.state), "data_positions": gather_object([self.train_loader.position]),
-                 "skipped": self._skipped()}
+                 "skipped": self._skipped(), "expert_forms": gather_object([chosen_forms()])}
         cfg = self.config.train
         save_checkpoint(self.accelerator, self.run_dir, self.state.step, state, cfg.keep_checkpoints)
 
@@ -328,6 +332,9 @@ class Trainer:
     def _resume(self, checkpoint: str) -> None:
         self.state = TrainerState(**load_checkpoint(self.accelerator, checkpoint))
         logger.info("resumed from %s at step %d", checkpoint, self.state.step)
+        forms = self.state.expert_forms
+        if forms is not None and len(forms) == self.accelerator.num_processes:
+            restore_forms(forms[self.accelerator.process_index])  # the same rounding as before the kill
         if self.accelerator.is_main_process and os.path.isfile(self.metrics_path):
             self._truncate_metrics(self.state.step)
 
