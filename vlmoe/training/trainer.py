@@ -52,8 +52,8 @@ from ..data import SKIP_REASONS, build_dataset, build_loader, expand_shards
 from ..evaluation.vqa_metrics import vqa_exact_match
 from ..lora import BASE, attach_lora, merge_lora
 from ..model.modeling import RoutingRecord, target_weights
-from ..moe.experts import chosen_forms, restore_forms
 from ..model.upcycle import max_logit_difference
+from ..moe.experts import chosen_forms, restore_forms
 from ..processing import VLMoEProcessor, build_model, load_run, train_tokenizer
 from ..tasks import GenerationCollate, TrainingCollate, generate_from_batch
 from .checkpoint import TRAINER_STATE, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -321,7 +321,7 @@ class Trainer:
         return {reason: self.state.skipped.get(reason, 0) + n for reason, n in zip(SKIP_REASONS, counts.tolist())}
 
     def _save_checkpoint(self) -> None:
-        """Every process calls it: the data positions and skip counts are gathered first."""
+        """Every process calls it: the data positions, skip counts and expert matmul forms are gathered first."""
         state = {**vars(self.state), "data_positions": gather_object([self.train_loader.position]),
                  "skipped": self._skipped(), "expert_forms": gather_object([chosen_forms()])}
         cfg = self.config.train
