@@ -300,6 +300,23 @@ def test_bad_config_names_the_key(override, match):
         load_config(os.path.join(ROOT, "configs/tiny.yaml"), [override])
 
 
+def test_tokenizer_learns_from_every_training_source(shapes):
+    """Half the tokenizer's samples come from each source, not all from the first, read as the model
+    reads them: question words and one-word answers get tokens of their own."""
+    from vlmoe.training.trainer import _training_texts
+
+    def texts(samples):
+        config = load_config(os.path.join(ROOT, "configs/tiny.yaml"),
+                             overrides(shapes, "unused", "tok", f"model.tokenizer.train_samples={samples}"))
+        return list(_training_texts(config))
+
+    ten = texts(10)
+    assert sum(t.startswith("Question: ") and t.endswith("? Answer:") for t in ten) == 5
+    assert len(ten) == 5 * (1 + 5) + 5 * (1 + 10)  # prompts; 5 captions per image, 10 answers per question
+    tokenizer = train_tokenizer(texts(96), vocab_size=512)  # the demo's vocabulary size
+    assert [len(tokenizer.tokenize(word)) for word in (" what", " no", " yes", " circle")] == [1, 1, 1, 1]
+
+
 def test_decoder_text_config_accepts_what_transformers_knows():
     """Legacy names that transformers folds into others, and a saved decoder's resolved config, are accepted."""
     config = load_config(os.path.join(ROOT, "configs/tiny.yaml"), ["model.decoder.text_config.rope_theta=500.0"])

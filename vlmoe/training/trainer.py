@@ -51,6 +51,7 @@ from transformers import AutoTokenizer
 from ..data import SKIP_REASONS, build_dataset, build_loader, expand_shards
 from ..evaluation.vqa_metrics import vqa_exact_match
 from ..lora import BASE, attach_lora, merge_lora
+from ..model.config import IMAGE_SLOT
 from ..model.modeling import RoutingRecord, target_weights
 from ..model.upcycle import max_logit_difference
 from ..moe.experts import chosen_forms, restore_forms
@@ -159,19 +160,20 @@ def check_data_patterns(config: Config) -> None:
 
 
 def _training_texts(config: Config) -> Iterator[str]:
-    sources = [s.to_source() for s in config.data.train]
-    dataset = build_dataset(sources, train=False, batch_size=64)
-    remaining = config.model.tokenizer.train_samples
-    for batch in dataset:
-        for sample in batch.data:
-            yield from sample.captions
-            if sample.question:
-                yield sample.question
-                yield from sample.answers
-            yield config.model.caption_prompt + " " + config.model.vqa_prompt
-            remaining -= 1
-            if remaining <= 0:
-                return
+    """The texts the tokenizer learns from, as the model reads them: each sample's prompt, and each of
+    its targets after a space (``VLMoEProcessor.training_batch``). ``tokenizer.train_samples`` samples,
+    drawn evenly from every training source (the first ones of each), so that questions and answers
+    shape the vocabulary as much as captions do."""
+    model = config.model
+    per_source = max(model.tokenizer.train_samples // len(config.data.train), 1)
+    for source in config.data.train:
+        samples = (s for batch in build_dataset(source.to_source(), train=False, batch_size=64)
+                   for s in batch.data or ())
+        for sample in islice(samples, per_source):
+            prompt = model.vqa_prompt.replace("{question}", sample.question) if sample.question else model.caption_prompt
+            yield prompt.replace(IMAGE_SLOT, " ")
+            for target in sample.answers or sample.captions:
+                yield " " + target
 
 
 def routing_scalars(routing: list[RoutingRecord]) -> dict[str, float]:
