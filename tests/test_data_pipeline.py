@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import tarfile
@@ -419,6 +420,55 @@ def test_a_training_stream_resumes_from_its_position_reading_one_shard_per_sourc
     next(iter(build_loader(sources, train=True, batch_size=3, shuffle_buffer=4, seed=5,
                            position=interrupted.position)))
     assert 1 <= len(opened) <= 2, opened
+
+
+def conversation_shard(path: Path, questions_per_image: list[int], bad: tuple[str, ...] = ()) -> None:
+    """VQA samples ``i{image}q{turn}``, the questions about one image in a row (as a VQAv2 prepare
+    writes them); the keys in ``bad`` have an unreadable json member."""
+    members = []
+    for image, count in enumerate(questions_per_image):
+        for turn in range(count):
+            key = f"i{image}q{turn}"
+            meta = {"question": f"q{turn} of {image}?", "answers": [f"a{turn}"]}
+            members += [(f"{key}.png", noisy_png(image)), (f"{key}.json", "{" if key in bad else json.dumps(meta))]
+    write_tar(path, members)
+
+
+def test_a_conversation_source_trains_the_questions_of_one_image_as_one_sample(tmp_path: Path) -> None:
+    conversation_shard(tmp_path / "v.tar", [3, 2, 1, 2], bad=("i1q1", "i3q0"))
+    source = DataSource(str(tmp_path / "v.tar"), "vqa", conversations=True)
+    batches = list(itertools.islice(build_dataset(source, train=True, batch_size=4, shuffle_buffer=1), 1))
+    samples = batches[0].data
+    assert [(s.key, s.question, s.followups) for s in samples] == [
+        ("i0q0", "q0 of 0?", [("q1 of 0?", ["a1"]), ("q2 of 0?", ["a2"])]),
+        ("i1q0", "q0 of 1?", []),  # its follow-up is unreadable: skipped and counted
+        ("i2q0", "q0 of 2?", []),
+        ("i3q1", "q1 of 3?", []),  # the first turn is unreadable: the next opens the conversation
+    ]
+    assert batches[0].skipped == {"bad_json": 2}
+    plain = list(build_dataset(DataSource(str(tmp_path / "v.tar"), "vqa"), train=False, batch_size=8))
+    assert sum(b.size for b in plain) == 6 and all(not s.followups for b in plain for s in b.data)  # eval: one by one
+    with pytest.raises(ValueError, match="conversations groups the questions of a vqa source, not a caption one"):
+        DataSource(str(tmp_path / "v.tar"), "caption", conversations=True)
+
+
+def test_a_conversation_stream_resumes_from_its_position(tmp_path: Path) -> None:
+    for shard in range(2):
+        conversation_shard(tmp_path / f"v-{shard}.tar", [3, 1, 2, 3, 2])
+    source = DataSource(str(tmp_path / "v-{0..1}.tar"), "vqa", conversations=True)
+
+    def loader(position=None):
+        return build_loader(source, train=True, batch_size=2, shuffle_buffer=3, seed=1, position=position)
+
+    stream = iter(loader())
+    expected = [[(s.key, len(s.followups)) for s in next(stream)] for _ in range(12)]  # over 2 epochs of 10 images
+    for stop in (2, 5, 8):
+        interrupted = loader()
+        batches = iter(interrupted)
+        for _ in range(stop):
+            next(batches)
+        resumed = iter(loader(json.loads(json.dumps(interrupted.position))))
+        assert [[(s.key, len(s.followups)) for s in next(resumed)] for _ in range(12 - stop)] == expected[stop:], stop
 
 
 def test_training_without_readable_data_raises(tmp_path: Path) -> None:

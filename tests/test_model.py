@@ -74,6 +74,23 @@ def test_forward_backward_and_loss_covers_targets_only(tokenizer):
         torch.testing.assert_close(record.output.load[present].sum(-1), torch.ones(int(present.sum())))
 
 
+def test_a_conversation_is_its_questions_in_turn_with_labels_on_every_answer(tokenizer):
+    """The first turn is the very sequence a lone question is (so the model reads it as at
+    evaluation); each later turn adds its prompt and its answer + eos; labels cover the answers."""
+    model, processor = build(tokenizer)
+    questions, answers = ["what color?", "what shape?"], ["red", "circle"]
+    conversation = processor.training_batch(images(1), [[processor.prompt(q) for q in questions]], [answers])
+    alone = processor.training_batch(images(1), [processor.prompt(questions[0])], [answers[0]])
+    n = alone["input_ids"].shape[1]
+    assert conversation["input_ids"][0, :n].tolist() == alone["input_ids"][0].tolist()
+    second = processor._ids(processor.prompt(questions[1]).strip())
+    answer = processor._ids(" " + answers[1]) + [tokenizer.eos_token_id]
+    assert conversation["input_ids"][0, n:].tolist() == second + answer
+    assert conversation["labels"][0].tolist() == alone["labels"][0].tolist() + [-100] * len(second) + answer
+    with torch.no_grad():
+        torch.testing.assert_close(model(**conversation).logits[:, :n], model(**alone).logits)
+
+
 @pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
 def test_label_weights_average_per_token_per_sample_or_between(tokenizer, power):
     """``target_weights(labels, p)``: each sample of n target tokens weighs n ** (1 - p) in the LM

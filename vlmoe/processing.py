@@ -133,15 +133,26 @@ class VLMoEProcessor(ProcessorMixin):
             raise ValueError(f"{len(images)} image(s) and {len(prompts)} prompt(s): give one prompt per image")
         return BatchFeature(self.generation_batch(images, prompts), tensor_type=return_tensors)
 
-    def training_batch(self, images: Sequence[Image.Image], prompts: Sequence[str], targets: Sequence[str]) -> dict[str, Tensor]:
-        """Right-padded inputs with labels on the targets (and eos) only."""
+    def training_batch(
+        self, images: Sequence[Image.Image], prompts: Sequence[str | Sequence[str]], targets: Sequence[str | Sequence[str]],
+    ) -> dict[str, Tensor]:
+        """Right-padded inputs with labels on the targets (and eos) only.
+
+        A sample's prompt and target may be lists, one per turn of a conversation: the image comes
+        with the first prompt, every target ends with eos, and the labels cover each target.
+        """
         rows, label_rows = [], []
-        for prompt, target in zip(prompts, targets):
-            prefix = self._prefix(prompt)
-            answer = self._ids(" " + target.strip()) + [self.tokenizer.eos_token_id]
-            ids = (prefix + answer)[: 1 + self.num_image_tokens + self.max_text_length]
-            rows.append(ids)
-            label_rows.append(([-100] * len(prefix) + answer)[: len(ids)])
+        for prompt, target in zip(prompts, targets, strict=True):
+            turns = [(prompt, target)] if isinstance(prompt, str) else list(zip(prompt, target, strict=True))
+            ids, labels = [], []
+            for turn, (turn_prompt, turn_target) in enumerate(turns):
+                prefix = self._prefix(turn_prompt) if turn == 0 else self._ids(turn_prompt.replace(IMAGE_SLOT, "").strip())
+                answer = self._ids(" " + turn_target.strip()) + [self.tokenizer.eos_token_id]
+                ids += prefix + answer
+                labels += [-100] * len(prefix) + answer
+            length = 1 + self.num_image_tokens + self.max_text_length
+            rows.append(ids[:length])
+            label_rows.append(labels[:length])
         batch = self._pad(rows, "right")
         labels = torch.full_like(batch["input_ids"], -100)
         for i, row in enumerate(label_rows):

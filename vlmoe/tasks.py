@@ -1,6 +1,8 @@
 """Captioning and VQA: what the model is asked and what it should answer, and batched generation.
 
 Notable choices:
+- A conversation (a sample with ``followups``) trains as one sequence: each question's prompt
+  and answer in turn (``VLMoEProcessor.training_batch``).
 - A caption sample trains on its canonical caption (``captions[0]``) or, with
   ``caption_target="random"``, on one of its references drawn anew each epoch (a hash of the
   sample's shard, key and epoch: the same draw on a resumed run, in any worker); a VQA sample on
@@ -26,9 +28,14 @@ from .processing import VLMoEProcessor
 CAPTION_TARGETS = ("canonical", "random")
 
 
+def answer_target(answers: Sequence[str]) -> str:
+    """The answer a VQA question trains on: the most frequent reference (the first of them on ties)."""
+    return Counter(answers).most_common(1)[0][0]
+
+
 def training_target(sample: Sample, caption_target: str = "canonical") -> str:
     if sample.task == "vqa":
-        return Counter(sample.answers).most_common(1)[0][0]
+        return answer_target(sample.answers)
     if caption_target == "canonical":
         return sample.captions[0]
     draw = zlib.crc32(f"{sample.url}/{sample.key}/{sample.epoch}".encode())
@@ -40,15 +47,17 @@ def question_of(sample: Sample) -> str | None:
 
 
 class TrainingCollate:
-    """Samples -> a training batch (prompt, target, labels on the target)."""
+    """Samples -> a training batch (prompt, target, labels on the target); a conversation
+    (``Sample.followups``) is one sequence of turns."""
 
     def __init__(self, processor: VLMoEProcessor, caption_target: str = "canonical"):
         self.processor = processor
         self.caption_target = caption_target
 
     def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        prompts = [self.processor.prompt(question_of(s)) for s in samples]
-        targets = [training_target(s, self.caption_target) for s in samples]
+        prompt = self.processor.prompt
+        prompts = [[prompt(question_of(s))] + [prompt(q) for q, _ in s.followups] for s in samples]
+        targets = [[training_target(s, self.caption_target)] + [answer_target(a) for _, a in s.followups] for s in samples]
         return self.processor.training_batch([s.image for s in samples], prompts, targets)
 
 

@@ -44,7 +44,7 @@ import webdataset as wds
 
 from .reader import Skipped, read_shard
 from .resumable import ResumableMix, StreamPosition, TrainSource
-from .sample import TASKS, BadSample, Sample, parse_sample
+from .sample import TASKS, BadSample, Sample, parse_question, parse_sample
 from .shards import expand_shards
 from .split import current_worker, split_for
 
@@ -62,17 +62,23 @@ class DataSource:
         pattern: a brace-expandable spec, a glob, a folder, or a list of these.
         task: ``caption`` or ``vqa``.
         weight: relative share of this source's samples in the training mix.
+        conversations: (vqa, training) the consecutive questions about one image train as one
+            multi-turn sequence (``sample.group_by_image``); evaluation reads them one by one.
     """
 
     pattern: str | Sequence[str]
     task: str
     weight: float = 1.0
+    conversations: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"DataSource.task={self.task!r} is not one of {list(TASKS)} (pattern {self.pattern!r})")
         if not self.weight > 0:
             raise ValueError(f"DataSource.weight={self.weight} must be positive (pattern {self.pattern!r})")
+        if self.conversations and self.task != "vqa":
+            raise ValueError(f"DataSource.conversations groups the questions of a vqa source, not a {self.task} one "
+                             f"(pattern {self.pattern!r})")
 
 
 class Batch(NamedTuple):
@@ -166,17 +172,26 @@ class Chain:
 
 def to_samples(src: Iterable[dict[str, Any] | Skipped]) -> Iterator[Sample | Skipped]:
     """Decode raw samples into ``Sample``; one that fails becomes a ``Skipped`` in its place
-    (skip records and the stream's position pass through)."""
+    (skip records and the stream's position pass through). A conversation's later turns become the
+    sample's ``followups``, each counted as skipped on its own if it cannot be read."""
     for raw in src:
         if not isinstance(raw, dict):
             yield raw
             continue
+        turns = raw.get("__turns__", [])
         try:
             sample = parse_sample(raw, raw["__task__"])
         except BadSample as bad:
             yield Skipped(bad.reason, raw["__url__"], raw["__key__"], bad.detail)
+            if turns:  # the next turn opens the conversation
+                yield from to_samples([{**turns[0], "__turns__": turns[1:]}])
             continue
         sample.epoch = raw.get("__epoch__", 0)
+        for turn in turns:
+            try:
+                sample.followups.append(parse_question(turn))
+            except BadSample as bad:
+                yield Skipped(bad.reason, turn["__url__"], turn["__key__"], bad.detail)
         yield sample
 
 
@@ -286,7 +301,7 @@ def build_dataset(
     shards = [tuple(expand_shards(source.pattern)) for source in sources]
     if train:
         head: ResumableMix | Chain = ResumableMix(
-            tuple(TrainSource(urls, s.task, f"{seed}/{i}", s.pattern, shuffle_buffer)
+            tuple(TrainSource(urls, s.task, f"{seed}/{i}", s.pattern, shuffle_buffer, s.conversations)
                   for i, (s, urls) in enumerate(zip(sources, shards))),
             tuple(s.weight for s in sources), seed, rank, world_size, position,
         )

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from .reader import Skipped, read_shard
+from .sample import group_by_image
 from .split import current_worker, split_for
 
 
@@ -77,6 +78,7 @@ class TrainSource:
     seed: str
     pattern: str | Sequence[str]
     shuffle_buffer: int
+    conversations: bool = False  # items are a shard's runs of samples with one image (``group_by_image``)
 
     def cursor(self, saved: dict[str, Any] | None, rank: int, worker: int) -> SourceCursor:
         rng = _rng(saved and saved["rng"], f"{self.seed}/samples/{rank}/{worker}")
@@ -112,7 +114,8 @@ class TrainSource:
         buffer, rng = cursor.buffer, cursor.rng
         if cursor.done and not buffer:  # resuming just after this shard's last item
             return
-        items = enumerate(read_shard(url, {"__task__": self.task, "__epoch__": cursor.epoch}))
+        raws = read_shard(url, {"__task__": self.task, "__epoch__": cursor.epoch})
+        items = enumerate(group_by_image(raws) if self.conversations else raws)
         if cursor.read:  # resuming inside this shard: refill the buffer, pass over what was delivered
             waiting = {index: slot for slot, (index, _) in enumerate(buffer)}
             for index, item in itertools.islice(items, cursor.read):

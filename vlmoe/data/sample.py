@@ -14,6 +14,11 @@ Notable choices:
   decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) is left as it is.
 - A sample that cannot be built raises ``BadSample`` carrying a short ``reason`` (one of
   ``SKIP_REASONS``) that the pipeline counts.
+- Conversations (a VQA training source with ``conversations``): ``group_by_image`` joins the
+  consecutive raw samples of a shard that hold the same image (equal bytes) before the shuffle
+  buffer, and the sample built from the first carries the others' questions as ``followups``,
+  trained as the later turns of one sequence (LLaVA's multi-turn format). The image is decoded
+  once; a follow-up that cannot be read is skipped and counted on its own.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from PIL import Image, ImageOps
 
@@ -62,6 +67,8 @@ class Sample:
         question_type: ``json["question_type"]`` when present, else None.
         meta: the remaining fields of the sample's ``.json`` member.
         epoch: the passes over its source before this one (training streams; 0 elsewhere).
+        followups: further questions about the same image, with their reference answers (a
+            conversation: a VQA training source with ``conversations``); empty elsewhere.
     """
 
     key: str
@@ -76,6 +83,7 @@ class Sample:
     question_type: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     epoch: int = 0
+    followups: list[tuple[str, list[str]]] = field(default_factory=list)
 
 
 class BadSample(ValueError):
@@ -162,10 +170,43 @@ def _question_answers(meta: dict[str, Any]) -> tuple[str, list[str]]:
 
 
 def _image_member(raw: dict[str, Any]) -> bytes:
-    for ext in IMAGE_EXTENSIONS:
-        if ext in raw:
-            return raw[ext]
-    raise BadSample("missing_image", f"no image member (one of {', '.join(IMAGE_EXTENSIONS)})")
+    image = image_bytes(raw)
+    if image is None:
+        raise BadSample("missing_image", f"no image member (one of {', '.join(IMAGE_EXTENSIONS)})")
+    return image
+
+
+def image_bytes(raw: dict[str, Any]) -> bytes | None:
+    """The raw sample's encoded image, or None when it has none."""
+    return next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+
+
+def group_by_image(items: Iterable[Any]) -> Iterator[Any]:
+    """Consecutive raw samples with the same image (equal bytes) as one: the first, holding the
+    others in ``"__turns__"``. Anything else (a skip record, a sample without an image) passes
+    through and ends the group."""
+    group: dict[str, Any] | None = None
+    for item in items:
+        image = image_bytes(item) if isinstance(item, dict) else None
+        if group is not None and image is not None and image == image_bytes(group):
+            group["__turns__"].append(item)
+            continue
+        if group is not None:
+            yield group
+        group = {**item, "__turns__": []} if image is not None else None
+        if group is None:
+            yield item
+    if group is not None:
+        yield group
+
+
+def parse_question(raw: dict[str, Any]) -> tuple[str, list[str]]:
+    """The question and reference answers of a raw VQA sample (a conversation's later turn).
+
+    Raises:
+        BadSample: the json is unreadable, or has no question or answers.
+    """
+    return _question_answers(_json_member(raw))
 
 
 def parse_sample(raw: dict[str, Any], task: str) -> Sample:

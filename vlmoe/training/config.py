@@ -111,9 +111,10 @@ class SourceConfig:
     pattern: str = "???"
     task: str = "caption"
     weight: float = 1.0
+    conversations: bool = False  # vqa: the questions about one image train as one sequence (``DataSource``)
 
     def to_source(self) -> DataSource:
-        return DataSource(self.pattern, self.task, self.weight)
+        return DataSource(self.pattern, self.task, self.weight, self.conversations)
 
 
 @dataclass
