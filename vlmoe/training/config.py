@@ -38,7 +38,8 @@ class TokenizerConfig:
     Attributes:
         path: a saved tokenizer folder; ``None`` trains a byte-level BPE on the training texts.
         vocab_size: the trained tokenizer's vocabulary size.
-        train_samples: how many training samples the tokenizer learns from.
+        train_samples: how many training samples the tokenizer learns from, drawn evenly from every
+            training source.
     """
 
     path: str | None = None
