@@ -31,7 +31,7 @@ from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerFast, P
 from transformers.utils import PROCESSOR_NAME
 
 from .image_processing import VLMoEImageProcessor
-from .model.config import CAPTION_PROMPT, IMAGE_SLOT, VQA_PROMPT, VLMoEConfig, check_prompts
+from .model.config import CAPTION_PROMPT, IMAGE_SLOT, VQA_PROMPT, VLMoEConfig, check_prompts, task_prompt
 from .model.modeling import VLMoEForConditionalGeneration
 from .model.upcycle import load_parent, load_parent_config
 
@@ -96,9 +96,7 @@ class VLMoEProcessor(ProcessorMixin):
 
     def prompt(self, question: str | None = None) -> str:
         """The prompt for captioning (no question) or VQA; it keeps the template's ``{image}`` slot, if any."""
-        if question is None:
-            return self.caption_prompt
-        return self.vqa_prompt.replace("{question}", question)
+        return task_prompt(self.caption_prompt, self.vqa_prompt, question)
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -186,14 +186,15 @@ def group_by_image(items: Iterable[Any]) -> Iterator[Any]:
     others in ``"__turns__"``. Anything else (a skip record, a sample without an image) passes
     through and ends the group."""
     group: dict[str, Any] | None = None
+    group_image: bytes | None = None
     for item in items:
         image = image_bytes(item) if isinstance(item, dict) else None
-        if group is not None and image is not None and image == image_bytes(group):
+        if group is not None and image is not None and image == group_image:
             group["__turns__"].append(item)
             continue
         if group is not None:
             yield group
-        group = {**item, "__turns__": []} if image is not None else None
+        group, group_image = ({**item, "__turns__": []}, image) if image is not None else (None, None)
         if group is None:
             yield item
     if group is not None:

@@ -253,6 +253,11 @@ def _as_part(name: str, value: Any):
     raise ValueError(f"{name} must be a {cls.__name__} or a dict, got {type(value).__name__}")
 
 
+def task_prompt(caption_prompt: str, vqa_prompt: str, question: str | None = None) -> str:
+    """The prompt for captioning (no question) or VQA; it keeps the template's ``{image}`` slot, if any."""
+    return caption_prompt if question is None else vqa_prompt.replace("{question}", question)
+
+
 def check_prompts(caption_prompt: str, vqa_prompt: str) -> None:
     """Each template holds ``{image}`` at most once; the VQA one holds ``{question}``."""
     for name, template in (("caption_prompt", caption_prompt), ("vqa_prompt", vqa_prompt)):

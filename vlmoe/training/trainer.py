@@ -51,7 +51,7 @@ from transformers import AutoTokenizer
 from ..data import SKIP_REASONS, build_dataset, build_loader, expand_shards
 from ..evaluation.vqa_metrics import vqa_exact_match
 from ..lora import BASE, attach_lora, merge_lora
-from ..model.config import IMAGE_SLOT
+from ..model.config import IMAGE_SLOT, task_prompt
 from ..model.modeling import RoutingRecord, target_weights
 from ..model.upcycle import max_logit_difference
 from ..moe.experts import chosen_forms, restore_forms
@@ -170,8 +170,7 @@ def _training_texts(config: Config) -> Iterator[str]:
         samples = (s for batch in build_dataset(source.to_source(), train=False, batch_size=64)
                    for s in batch.data or ())
         for sample in islice(samples, per_source):
-            prompt = model.vqa_prompt.replace("{question}", sample.question) if sample.question else model.caption_prompt
-            yield prompt.replace(IMAGE_SLOT, " ")
+            yield task_prompt(model.caption_prompt, model.vqa_prompt, sample.question).replace(IMAGE_SLOT, " ")
             for target in sample.answers or sample.captions:
                 yield " " + target
 
