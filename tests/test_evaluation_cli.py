@@ -542,7 +542,7 @@ def test_summary_prints_the_metric_values(full_runs, tmp_path, capsys):
                               ("caption", {"exact_match": caption_em, "cider_d": 1.25, "bleu_4": 0.125})):
             (run / f"eval_{task}").mkdir(parents=True)
             (run / f"eval_{task}" / "metrics.json").write_text(json.dumps(metrics))
-    (tmp_path / "moe" / "final" / "probe.json").write_text(json.dumps({"vit": {"shape": 0.75}, "chance": {"shape": 0.33}}))
+    (tmp_path / "moe" / "final" / "probe.json").write_text(json.dumps({"projector": {"shape": 0.75}, "vit": {"shape": 0.5}, "chance": {"shape": 0.33}}))
     runs = [str(tmp_path / "moe" / "final"), str(tmp_path / "dense" / "final")]
     assert summary_main(runs) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -552,7 +552,7 @@ def test_summary_prints_the_metric_values(full_runs, tmp_path, capsys):
         "VQA exact match": ["0.9500", "ok", "0.5000", "below", ">=", "0.90"], "VQA accuracy": ["0.9500", "0.5000"],
         "caption exact match": ["0.5000", "below", "0.8500", "ok", ">=", "0.80"],
         "caption CIDEr-D": ["1.2500", "1.2500"], "caption BLEU-4": ["0.1250", "0.1250"],
-        "probe ViT shape": ["0.7500", "-"], "chance shape": ["0.3300", "-"],
+        "probe shape": ["0.7500", "-"], "chance shape": ["0.3300", "-"],
     }
     assert summary_main(["--markdown", *runs]) == 0
     lines = capsys.readouterr().out.splitlines()

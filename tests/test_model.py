@@ -389,6 +389,32 @@ def test_shuffle_projector_keeps_what_average_pooling_loses():
         assert not torch.allclose(moved[:, 1], out[:, 1])
 
 
+def test_projector_positions_tell_image_tokens_apart_and_survive_save_load(tokenizer, tmp_path):
+    from vlmoe.model.config import ProjectorConfig
+    from vlmoe.model.towers import Projector
+
+    torch.manual_seed(0)
+    same = torch.randn(1, 1, 8).expand(2, 16, 8)  # every patch of a 4 x 4 grid alike
+    other = torch.randn(2, 16, 8)
+    plain = Projector(8, 16, (4, 4), ProjectorConfig())
+    placed = Projector(8, 16, (4, 4), ProjectorConfig(positions=True))
+    placed.load_state_dict(plain.state_dict())  # the positions are not weights
+    assert torch.equal(plain(same), plain(same)[:, :1].expand(2, 16, 16))  # alike without positions
+    offsets = placed(same) - plain(same)
+    assert len({tuple(t.tolist()) for t in offsets[0]}) == 16  # every grid position its own
+    torch.testing.assert_close(placed(other) - plain(other), offsets)  # whatever the image, whichever sample
+    assert set(placed.state_dict()) == set(plain.state_dict())
+
+    model, processor = build(tokenizer, projector={"positions": True})
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = VLMoEForConditionalGeneration.from_pretrained(tmp_path).eval()
+    batch = processor.generation_batch(images(), [processor.prompt(), processor.prompt("what color?")])
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+        assert not torch.equal(model(**batch).logits, build(tokenizer)[0](**batch).logits)
+
+
 def test_conv_stem_sets_the_grid_and_keeps_each_image_independent_of_its_batch():
     from vlmoe.model.config import VisionConfig
     from vlmoe.model.towers import VisionTower

@@ -28,6 +28,7 @@ def test_labels_follow_the_shapes_left_to_right(shapes):
         assert [x for x, _, _ in labels.shapes] == sorted(x for x, _, _ in labels.shapes)
         assert all(0 <= x < 1 and 0 <= y < 1 for x, y, _ in labels.shapes)
         assert labels.image["order"] == ",".join(attrs["shape"] for _, _, attrs in labels.shapes)
+        assert [a["side"] for x, _, a in labels.shapes] == ["left" if x < 0.5 else "right" for x, _, _ in labels.shapes]
         described = " ".join(f"{a['size']} {a['color']} {a['shape']}" for _, _, a in labels.shapes)
         words = sample.captions[0].replace(",", "").split()  # the canonical caption names them left to right
         assert [w for w in words if w not in ("a", "an", "and", "left", "of", "from", "to", "right")] == described.split()
@@ -63,5 +64,5 @@ def test_probe_command_smoke(shapes, tmp_path, capsys):
     assert result == json.loads((tmp_path / "p.json").read_text())
     assert result["num_train"] == 64 and result["num_test"] == 24
     for name in ("vit", "projector", "pixels", "chance"):
-        assert set(result[name]) == {"count", "order", "shape", "color", "size"}
+        assert set(result[name]) == {"count", "order", "shape", "color", "size", "side"}
         assert all(0 <= v <= 1 for v in result[name].values())

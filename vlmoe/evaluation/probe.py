@@ -12,9 +12,10 @@ attribute; a probe near 1 says the decoder fails to use what is there.
 
 Notable choices:
 - Labels come from each sample's ``shapes`` metadata (written by ``data_scripts/make_shapes.py``):
-  ``count``, and for each shape its ``shape`` (kind), ``color`` and ``size``.
-- ``shape`` / ``color`` / ``size`` probe the token of the patch under each shape's centre: does
-  the tower's local feature say what is there? ``count`` and ``order`` (the kinds left to right,
+  ``count``, and for each shape its ``shape`` (kind), ``color``, ``size`` and ``side`` (left or
+  right of the image's middle, as the position questions ask).
+- ``shape`` / ``color`` / ``size`` / ``side`` probe the token of the patch under each shape's centre:
+  does the tower's local feature say what is there, and where? ``count`` and ``order`` (the kinds left to right,
   e.g. ``circle,square``) probe all tokens at once, flattened with their positions.
 - Features are standardised with the training images' statistics; a probe is a multinomial
   logistic regression with an L2 penalty, fitted by L-BFGS.
@@ -36,7 +37,7 @@ from torch import Tensor
 from ..data import DataSource, build_loader
 from ..moe import moe_scope
 
-ATTRIBUTES = ("shape", "color", "size")
+ATTRIBUTES = ("shape", "color", "size", "side")
 FEATURES = ("vit", "projector", "pixels")
 
 
@@ -59,7 +60,12 @@ def shape_labels(sample) -> ImageLabels:
     width, height = sample.image.size
     ordered = sorted(shapes, key=lambda s: s["x"])
     image = {"count": str(len(ordered)), "order": ",".join(s["shape"] for s in ordered)}
-    return ImageLabels(image, [(s["x"] / width, s["y"] / height, {a: str(s[a]) for a in ATTRIBUTES}) for s in ordered])
+    return ImageLabels(image, [(s["x"] / width, s["y"] / height, _attributes(s, width)) for s in ordered])
+
+
+def _attributes(shape: dict, width: int) -> dict[str, str]:
+    side = "left" if 2 * shape["x"] < width - 1 else "right"  # the middle column counts as right, as in make_shapes
+    return {"shape": str(shape["shape"]), "color": str(shape["color"]), "size": str(shape["size"]), "side": side}
 
 
 @torch.no_grad()

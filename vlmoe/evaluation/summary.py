@@ -6,7 +6,8 @@
     python -m vlmoe.evaluation.summary runs/tiny/final/eval_vqa runs/tiny/final/eval_caption
 
 Each model is a folder holding ``eval_vqa/``, ``eval_caption/`` (eval.py's outputs) and
-optionally ``probe.json`` (``vlmoe.evaluation.probe``); eval folders given one by one make one
+optionally ``probe.json`` (``vlmoe.evaluation.probe``; its rows are the probes on the image tokens
+the decoder reads, the projector's output); eval folders given one by one make one
 model together. Figures come from those files only, so a table printed from them cannot drift
 from the run.
 """
@@ -19,7 +20,7 @@ import os
 import sys
 
 QUESTION_TYPES = ("color", "count", "position", "shape", "yes/no")
-PROBE_ATTRIBUTES = ("shape", "color", "size", "count", "order")
+PROBE_ATTRIBUTES = ("shape", "color", "size", "side", "count", "order")
 TYPE_TARGET = 0.80
 
 # (file, keys, label, target): the figures the demo reports, with the demo model's targets.
@@ -30,7 +31,7 @@ ROWS = (
     ("caption", ("exact_match",), "caption exact match", 0.80),
     ("caption", ("cider_d",), "caption CIDEr-D", None),
     ("caption", ("bleu_4",), "caption BLEU-4", None),
-    *(("probe", ("vit", a), f"probe ViT {a}", None) for a in PROBE_ATTRIBUTES),
+    *(("probe", ("projector", a), f"probe {a}", None) for a in PROBE_ATTRIBUTES),
     *(("probe", ("chance", a), f"  chance {a}", None) for a in PROBE_ATTRIBUTES),
     ("vqa", ("images_per_s",), "VQA questions/s", None),
     ("caption", ("images_per_s",), "caption images/s", None),

@@ -194,11 +194,16 @@ class ProjectorConfig:
         pool: merge each ``pool x pool`` block of patches into one image token (1 = keep all).
         merge: how a block becomes one token: ``avg`` (average pooling) or ``shuffle``
             (space-to-depth: the block's features side by side, nothing thrown away; nanoVLM, Idefics3).
+        positions: add each image token's row and column (a fixed 2-D sine-cosine embedding, MAE's)
+            to its embedding. The decoder's own positions number the tokens in one line, which
+            lets attention find "the token on the left" but not say where a token it found is;
+            a from-scratch ViT's learned position embedding stays too small to carry it.
     """
 
     hidden_features: int | None = None
     pool: int = 1
     merge: str = "avg"
+    positions: bool = False
 
     def __post_init__(self) -> None:
         if self.pool < 1:

@@ -21,7 +21,7 @@ from functools import partial
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import HybridEmbed
+from timm.layers import HybridEmbed, build_sincos2d_pos_embed
 from timm.models.vision_transformer_hybrid import ConvStem
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -113,6 +113,7 @@ class Projector(nn.Module):
         self.fc1 = nn.Linear(in_features * (config.pool**2 if self.shuffle else 1), hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, out_features)
+        self.positions = config.positions
 
     @property
     def num_tokens(self) -> int:
@@ -127,7 +128,11 @@ class Projector(nn.Module):
             else:
                 x = F.avg_pool2d(x, self.pool)  # (B, Dv, H / pool, W / pool)
             x = x.flatten(2).transpose(1, 2)  # (B, P', Dv or Dv * pool^2)
-        return self.fc2(self.act(self.fc1(x)))
+        x = self.fc2(self.act(self.fc1(x)))
+        if self.positions:  # computed, not stored: nothing to save, load or move between devices
+            grid = [self.grid_size[0] // self.pool, self.grid_size[1] // self.pool]
+            x = x + build_sincos2d_pos_embed(grid, x.shape[-1], device=x.device, dtype=x.dtype)
+        return x
 
 
 def _mlp_width(mlp: nn.Module) -> tuple[int, int]:
