@@ -6,8 +6,8 @@
     python benchmarks/throughput.py --device cuda                # GPU, bf16 autocast
 
 Models come from ``configs/tiny.yaml`` and ``configs/tiny-dense.yaml`` (random weights; the
-tokenizer is trained on generated captions), inputs are shapes-set scenes drawn here, so nothing
-needs to be downloaded or trained first. Each measurement is the median of ``--repeats`` after
+tokenizer is trained on generated prompts, captions and answers, as a run is), inputs are
+shapes-set scenes drawn here, so nothing needs to be downloaded or trained first. Each measurement is the median of ``--repeats`` after
 warm-up, the models taking turns, so both see the same machine state.
 
 - train step: forward, backward and AdamW step on a batch of ``--batch-size`` (half captions,
@@ -49,6 +49,7 @@ from data_scripts.make_shapes import draw_scene, make_captions, make_questions, 
 from vlmoe import build_model, train_tokenizer  # noqa: E402
 from vlmoe.training.config import load_config  # noqa: E402
 from vlmoe.training.optim import build_optimizer  # noqa: E402
+from vlmoe.training.trainer import tokenizer_texts  # noqa: E402
 
 MODELS = {"moe": "configs/tiny.yaml", "dense": "configs/tiny-dense.yaml"}
 
@@ -124,9 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     dtypes = args.dtype or (["bfloat16"] if device.type == "cuda" else ["float32"])
 
-    image_size = load_config(str(ROOT / MODELS["moe"])).model.vision.img_size
+    model_config = load_config(str(ROOT / MODELS["moe"])).model
+    image_size = model_config.vision.img_size
     data = scenes(max(args.batch_size, 32), image_size)
-    tokenizer = train_tokenizer((t for _, c, q, a in scenes(2000, image_size, seed=1) for t in (c, q, a)), vocab_size=512)
+    # Prompts and targets as a run of the config reads them, so that sequences are as long as in training.
+    texts = [sample for _, c, q, a in scenes(2000, image_size, seed=1) for sample in ((None, [c]), (q, [a]))]
+    tokenizer = train_tokenizer(tokenizer_texts(model_config, texts), vocab_size=512)
     result = {**describe(args.threads if device.type == "cpu" else None),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "batch_size": args.batch_size, "new_tokens": args.new_tokens, "by_dtype": {}}

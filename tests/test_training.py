@@ -307,7 +307,8 @@ def test_tokenizer_learns_from_every_training_source(shapes):
 
     def texts(samples):
         config = load_config(os.path.join(ROOT, "configs/tiny.yaml"),
-                             overrides(shapes, "unused", "tok", f"model.tokenizer.train_samples={samples}"))
+                             overrides(shapes, "unused", "tok", f"model.tokenizer.train_samples={samples}",
+                                       'model.vqa_prompt="Question: {question} Answer:"'))
         return list(_training_texts(config))
 
     ten = texts(10)

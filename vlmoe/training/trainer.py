@@ -40,7 +40,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from itertools import islice
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -58,7 +58,7 @@ from ..moe.experts import chosen_forms, restore_forms
 from ..processing import VLMoEProcessor, build_model, load_run, train_tokenizer
 from ..tasks import GenerationCollate, TrainingCollate, generate_from_batch
 from .checkpoint import TRAINER_STATE, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import LOSS_AVERAGES, Config, config_to_yaml
+from .config import LOSS_AVERAGES, Config, ModelConfig, config_to_yaml
 from .launch import check_launch
 from .optim import build_optimizer, build_scheduler
 
@@ -160,19 +160,25 @@ def check_data_patterns(config: Config) -> None:
 
 
 def _training_texts(config: Config) -> Iterator[str]:
-    """The texts the tokenizer learns from, as the model reads them: each sample's prompt, and each of
-    its targets after a space (``VLMoEProcessor.training_batch``). ``tokenizer.train_samples`` samples,
-    drawn evenly from every training source (the first ones of each), so that questions and answers
-    shape the vocabulary as much as captions do."""
-    model = config.model
-    per_source = max(model.tokenizer.train_samples // len(config.data.train), 1)
+    """``tokenizer_texts`` of ``tokenizer.train_samples`` samples, drawn evenly from every training
+    source (the first ones of each), so that questions and answers shape the vocabulary as much as
+    captions do."""
+    per_source = max(config.model.tokenizer.train_samples // len(config.data.train), 1)
     for source in config.data.train:
         samples = (s for batch in build_dataset(source.to_source(), train=False, batch_size=64)
                    for s in batch.data or ())
-        for sample in islice(samples, per_source):
-            yield task_prompt(model.caption_prompt, model.vqa_prompt, sample.question).replace(IMAGE_SLOT, " ")
-            for target in sample.answers or sample.captions:
-                yield " " + target
+        yield from tokenizer_texts(
+            config.model, ((s.question, s.answers or s.captions) for s in islice(samples, per_source))
+        )
+
+
+def tokenizer_texts(model: ModelConfig, samples: Iterable[tuple[str | None, Sequence[str]]]) -> Iterator[str]:
+    """The texts a tokenizer learns from, as the model reads them: each ``(question or None, targets)``
+    sample's prompt, and each of its targets after a space (``VLMoEProcessor.training_batch``)."""
+    for question, targets in samples:
+        yield task_prompt(model.caption_prompt, model.vqa_prompt, question).replace(IMAGE_SLOT, " ")
+        for target in targets:
+            yield " " + target
 
 
 def routing_scalars(routing: list[RoutingRecord]) -> dict[str, float]:
