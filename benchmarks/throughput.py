@@ -7,8 +7,9 @@
 
 Models come from ``configs/tiny.yaml`` and ``configs/tiny-dense.yaml`` (random weights; the
 tokenizer is trained on generated prompts, captions and answers, as a run is), inputs are
-shapes-set scenes drawn here, so nothing needs to be downloaded or trained first. Each measurement is the median of ``--repeats`` after
-warm-up, the models taking turns, so both see the same machine state.
+shapes-set scenes drawn here, so nothing needs to be downloaded or trained first. Each
+measurement is the median of ``--repeats`` after warm-up, the models taking turns, so both see
+the same machine state.
 
 - train step: forward, backward and AdamW step on a batch of ``--batch-size`` (half captions,
   half questions, as the demo mixes them).
