@@ -12,7 +12,8 @@ measurement is the median of ``--repeats`` after warm-up, the models taking turn
 the same machine state.
 
 - train step: forward, backward and AdamW step on a batch of ``--batch-size`` (half captions,
-  half questions, as the demo mixes them).
+  half single questions; the demo's batches hold a third captions and two thirds conversations
+  of three questions, so its steps are longer).
 - captioning: ``generate`` with the KV cache, greedy, exactly ``--new-tokens`` new tokens
   (EOS ignored, so both models do the same work), at batch 1 and batch 32.
 
