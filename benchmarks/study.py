@@ -186,6 +186,20 @@ def _by_type_table(summary: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def _seed_table(groups: dict[tuple[str, str], list[dict]]) -> str:
+    """One row per run: the figures behind each mean, by question type."""
+    types = next(iter(groups.values()))[0]["test_vqa_by_type"]
+    lines = ["| run | seed | steps | training s | samples/s | test VQA EM | " + " / ".join(types)
+             + " | test caption EM | test CIDEr-D |", "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for (tag, variant), group in groups.items():
+        for r in group:
+            by_type = " / ".join(f"{r['test_vqa_by_type'][t]:.2f}" for t in types)
+            lines.append(f"| {tag}: {variant} | {r['seed']} | {r['steps']} | {r['train_wall_s']:.0f} | "
+                         f"{r['samples_per_s']:.1f} | {r['test_vqa_exact_match']:.3f} | {by_type} | "
+                         f"{r['test_caption_exact_match']:.3f} | {r['test_cider_d']:.2f} |")
+    return "\n".join(lines)
+
+
 def _plots(summary: dict[str, dict[str, dict]], runs: list[dict]) -> None:
     import matplotlib
 
@@ -245,10 +259,12 @@ def report(args: argparse.Namespace) -> None:
     if not runs:
         sys.exit(f"no runs under {RESULTS / 'study'}: run `python benchmarks/study.py run` first")
     summary: dict[str, dict[str, dict]] = {}
-    for (tag, variant), group in _groups(runs).items():
+    groups = _groups(runs)
+    for (tag, variant), group in groups.items():
         summary.setdefault(tag, {})[variant] = _summarise(group)
     (RESULTS / "study.json").write_text(json.dumps(summary, indent=1))
-    tables = f"{_table(summary)}\n\nTest VQA exact match by question type (mean over seeds):\n\n{_by_type_table(summary)}\n"
+    tables = (f"{_table(summary)}\n\nTest VQA exact match by question type (mean over seeds):\n\n"
+              f"{_by_type_table(summary)}\n\nEach run:\n\n{_seed_table(groups)}\n")
     (RESULTS / "study.md").write_text(tables)
     _plots(summary, runs)
     print(json.dumps({tag: {v: {k: round(s[k]["mean"], 4) for k in _METRICS} for v, s in variants.items()}
