@@ -8,6 +8,7 @@ import json
 import logging
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -368,9 +369,9 @@ def test_collate_makes_the_batch(two_tasks: tuple[DataSource, DataSource]) -> No
 
 
 def test_transform_is_applied_per_sample(two_tasks: tuple[DataSource, DataSource]) -> None:
-    def tag(sample: Sample) -> Sample:
+    def tag(sample: Sample) -> Iterator[Sample]:
         sample.meta["seen"] = True
-        return sample
+        yield sample
 
     batches = build_dataset(two_tasks[0], train=False, batch_size=10, transform=tag)
     assert all(s.meta == {"seen": True} for b in batches for s in b.data)

@@ -91,6 +91,35 @@ def test_a_conversation_is_its_questions_in_turn_with_labels_on_every_answer(tok
         torch.testing.assert_close(model(**conversation).logits[:, :n], model(**alone).logits)
 
 
+def test_nothing_is_cut_silently_fit_keeps_the_turns_within_max_length_and_counts_the_rest(tokenizer):
+    """``training_batch`` refuses a sequence past ``max_length``; ``TrainingCollate.fit`` keeps the
+    turns that fit (the batch is the one made of them alone) and skips each other turn as too_long,
+    the whole sample when its first turn does not fit."""
+    from vlmoe.data import Sample
+    from vlmoe.tasks import TrainingCollate
+
+    _, processor = build(tokenizer)
+    collate = TrainingCollate(processor)
+    questions, answers = ["what color?", "what shape?", "what color is it?"], ["red", "circle", "blue"]
+
+    def conversation() -> Sample:
+        return Sample("k", "shard.tar", images(1)[0], "vqa", question=questions[0], answers=[answers[0]],
+                      followups=[(q, [a]) for q, a in zip(questions[1:], answers[1:])])
+
+    turns = processor._turns([processor.prompt(q) for q in questions], answers)
+    processor.max_text_length = sum(len(p) + len(a) for p, a in turns[:2]) - 1 - processor.num_image_tokens
+    with pytest.raises(ValueError, match=r"sample 0 of the batch .* model\.max_text_length=" + str(processor.max_text_length)):
+        collate([conversation()])
+    *skipped, fitted = collate.fit(conversation())
+    assert [(s.reason, s.url, s.key) for s in skipped] == [("too_long", "shard.tar", "k")]
+    assert "question 3" in skipped[0].detail and "model.max_text_length" in skipped[0].detail
+    assert fitted.followups == [(questions[1], [answers[1]])]
+    alone = processor.training_batch(images(1), [[processor.prompt(q) for q in questions[:2]]], [answers[:2]])
+    assert all(torch.equal(collate([fitted])[k], alone[k]) for k in alone)
+    processor.max_text_length = 1
+    assert [s.reason for s in collate.fit(conversation())] == ["too_long"]
+
+
 @pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
 def test_label_weights_average_per_token_per_sample_or_between(tokenizer, power):
     """``target_weights(labels, p)``: each sample of n target tokens weighs n ** (1 - p) in the LM

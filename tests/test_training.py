@@ -426,6 +426,27 @@ def test_training_logs_skipped_samples_by_reason(tmp_path):
     assert counts() == expected  # the counts before the checkpoint are kept with it
 
 
+def test_training_skips_and_counts_captions_longer_than_max_text_length(tmp_path):
+    """In a shard read in order, k1 and k6 have 40-word captions (past model.max_text_length=16):
+    step 1 trains on k2-k5, step 2 on k7-k10, and the logs count one, then two too_long skips."""
+    from PIL import Image
+    from vlmoe.data import ShardWriter
+
+    image = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image, format="PNG")
+    os.makedirs(tmp_path / "shards")
+    with ShardWriter(str(tmp_path / "shards" / "train-%06d.tar"), 100) as writer:
+        for i in range(1, 11):
+            caption = " ".join(["a red square"] * 13) if i in (1, 6) else "a red square"
+            writer.write({"__key__": f"k{i}", "png": image.getvalue(), "txt": caption})
+    pattern = str(tmp_path / "shards" / "train-000000.tar")
+    train.main(["--config", os.path.join(ROOT, "configs/tiny.yaml"), *TINY_MODEL, "model.max_text_length=16",
+                f"data.train=[{{pattern: '{pattern}', task: caption}}]", "data.val=[]", "data.shuffle_buffer=1",
+                f"train.output_dir={tmp_path}", "train.name=long", "train.steps=2", "train.checkpoint_every=0"])
+    records = [json.loads(line) for line in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["num_skipped/too_long"] for r in records if "loss" in r] == [1, 2]
+
+
 def test_validation_pattern_that_matches_nothing_fails_before_anything_is_written(shapes, tmp_path):
     args = overrides(shapes, str(tmp_path), "typo", "train.steps=4", "train.eval_every=2",
                      f"data.val=[{{pattern: '{shapes}/vqa/vall-*.tar', task: vqa}}]")

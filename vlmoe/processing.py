@@ -131,26 +131,52 @@ class VLMoEProcessor(ProcessorMixin):
             raise ValueError(f"{len(images)} image(s) and {len(prompts)} prompt(s): give one prompt per image")
         return BatchFeature(self.generation_batch(images, prompts), tensor_type=return_tensors)
 
+    @property
+    def max_length(self) -> int:
+        """The longest training sequence: bos, the image tokens and ``max_text_length`` text tokens."""
+        return 1 + self.num_image_tokens + self.max_text_length
+
+    def _turns(self, prompt: str | Sequence[str], target: str | Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        """Each turn's (prompt ids, target ids and eos); the first prompt holds the image tokens."""
+        turns = [(prompt, target)] if isinstance(prompt, str) else list(zip(prompt, target, strict=True))
+        return [
+            (self._prefix(p) if turn == 0 else self._ids(p.replace(IMAGE_SLOT, "").strip()),
+             self._ids(" " + t.strip()) + [self.tokenizer.eos_token_id])
+            for turn, (p, t) in enumerate(turns)
+        ]
+
+    def turns_that_fit(self, prompt: str | Sequence[str], target: str | Sequence[str]) -> int:
+        """How many turns of a training sample, from the first, fit in ``max_length`` tokens."""
+        length = 0
+        for fitting, (prefix, answer) in enumerate(self._turns(prompt, target)):
+            length += len(prefix) + len(answer)
+            if length > self.max_length:
+                return fitting
+        return 1 if isinstance(prompt, str) else len(prompt)
+
     def training_batch(
         self, images: Sequence[Image.Image], prompts: Sequence[str | Sequence[str]], targets: Sequence[str | Sequence[str]],
     ) -> dict[str, Tensor]:
         """Right-padded inputs with labels on the targets (and eos) only.
 
         A sample's prompt and target may be lists, one per turn of a conversation: the image comes
-        with the first prompt, every target ends with eos, and the labels cover each target.
+        with the first prompt, every target ends with eos, and the labels cover each target. A
+        sample longer than ``max_length`` is an error (nothing is cut silently).
         """
         rows, label_rows = [], []
-        for prompt, target in zip(prompts, targets, strict=True):
-            turns = [(prompt, target)] if isinstance(prompt, str) else list(zip(prompt, target, strict=True))
+        for i, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
             ids, labels = [], []
-            for turn, (turn_prompt, turn_target) in enumerate(turns):
-                prefix = self._prefix(turn_prompt) if turn == 0 else self._ids(turn_prompt.replace(IMAGE_SLOT, "").strip())
-                answer = self._ids(" " + turn_target.strip()) + [self.tokenizer.eos_token_id]
+            for prefix, answer in self._turns(prompt, target):
                 ids += prefix + answer
                 labels += [-100] * len(prefix) + answer
-            length = 1 + self.num_image_tokens + self.max_text_length
-            rows.append(ids[:length])
-            label_rows.append(labels[:length])
+            if len(ids) > self.max_length:
+                raise ValueError(
+                    f"sample {i} of the batch is {len(ids)} tokens long, more than max_length={self.max_length} "
+                    f"(bos, {self.num_image_tokens} image tokens, model.max_text_length={self.max_text_length}): "
+                    "raise model.max_text_length, or keep the turns that fit (turns_that_fit)"
+                )
+            rows.append(ids)
+            label_rows.append(labels)
         batch = self._pad(rows, "right")
         labels = torch.full_like(batch["input_ids"], -100)
         for i, row in enumerate(label_rows):

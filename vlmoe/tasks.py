@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from PIL import Image
 
-from .data.sample import Sample
+from .data import Sample, Skipped
 from .processing import VLMoEProcessor
 
 
@@ -48,16 +48,36 @@ def question_of(sample: Sample) -> str | None:
 
 class TrainingCollate:
     """Samples -> a training batch (prompt, target, labels on the target); a conversation
-    (``Sample.followups``) is one sequence of turns."""
+    (``Sample.followups``) is one sequence of turns. ``fit`` is the loader's transform that keeps
+    every sequence within the processor's ``max_length``."""
 
     def __init__(self, processor: VLMoEProcessor, caption_target: str = "canonical"):
         self.processor = processor
         self.caption_target = caption_target
 
-    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+    def turns(self, sample: Sample) -> tuple[list[str], list[str]]:
+        """The prompts and targets of the sample's turns: its own, then each follow-up question's."""
         prompt = self.processor.prompt
-        prompts = [[prompt(question_of(s))] + [prompt(q) for q, _ in s.followups] for s in samples]
-        targets = [[training_target(s, self.caption_target)] + [answer_target(a) for _, a in s.followups] for s in samples]
+        return ([prompt(question_of(sample))] + [prompt(q) for q, _ in sample.followups],
+                [training_target(sample, self.caption_target)] + [answer_target(a) for _, a in sample.followups])
+
+    def fit(self, sample: Sample) -> Iterator[Sample | Skipped]:
+        """The sample with the turns that fit in ``max_length`` tokens; each turn that does not is
+        skipped and counted as ``too_long`` (the whole sample when its first turn does not fit)."""
+        prompts, targets = self.turns(sample)
+        fitting = self.processor.turns_that_fit(prompts, targets)
+        limit = (f"{self.processor.max_length} tokens with the image: raise model.max_text_length "
+                 f"(now {self.processor.max_text_length}) to keep it")
+        if fitting == 0:
+            yield Skipped("too_long", sample.url, sample.key, f"longer than {limit}")
+            return
+        for turn in range(fitting, len(prompts)):
+            yield Skipped("too_long", sample.url, sample.key, f"question {turn + 1} of its conversation ends past {limit}")
+        sample.followups = sample.followups[: fitting - 1]
+        yield sample
+
+    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        prompts, targets = zip(*(self.turns(s) for s in samples))
         return self.processor.training_batch([s.image for s in samples], prompts, targets)
 
 

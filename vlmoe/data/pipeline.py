@@ -51,7 +51,9 @@ from .split import current_worker, split_for
 logger = logging.getLogger(__name__)
 
 Collate = Callable[[list[Sample]], Any]
-Transform = Callable[[Sample], Sample]
+# What replaces a sample in the stream: the sample (changed or not) and ``Skipped`` records for
+# anything the transform drops, so that it is counted like any other skip.
+Transform = Callable[[Sample], Iterable[Sample | Skipped]]
 
 
 @dataclass(frozen=True)
@@ -203,7 +205,10 @@ class MapSamples:
 
     def __call__(self, src: Iterable[Sample | Skipped]) -> Iterator[Sample | Skipped]:
         for item in src:
-            yield self.transform(item) if isinstance(item, Sample) else item
+            if isinstance(item, Sample):
+                yield from self.transform(item)
+            else:
+                yield item
 
 
 @dataclass(frozen=True)
@@ -284,7 +289,8 @@ def build_dataset(
         batch_size: samples per batch.
         collate: turns a list of samples into the batch's ``data`` (e.g. the model's processor);
             None keeps the list.
-        transform: applied to each sample before batching.
+        transform: applied to each sample before batching; yields the sample and ``Skipped``
+            records for what it drops (``Transform``).
         rank, world_size: this process and the number of processes (Accelerate's
             ``process_index`` and ``num_processes``).
         seed: seeds shard order, sample shuffling and mixing.

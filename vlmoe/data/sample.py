@@ -43,6 +43,7 @@ SKIP_REASONS = (
     "missing_image",  # no image member
     "bad_image",  # the image member cannot be decoded (or trips the decompression-bomb guard)
     "missing_text",  # no caption (caption task) or no question/answers (vqa task)
+    "too_long",  # longer than model.max_text_length tokens: the sample, or one question of a conversation
 )
 
 # json fields a sample consumes into its own attributes (the rest goes to ``meta``).

@@ -281,8 +281,9 @@ class Trainer:
         on every process): about 0 for an upcycle without noise."""
         acc, data = self.accelerator, self.config.data
         sources = data.val[:1] or data.train[:1]
+        collate = TrainingCollate(self.processor)
         loader = build_loader([s.to_source() for s in sources], train=False, batch_size=data.eval_batch_size,
-                              collate=TrainingCollate(self.processor), seed=self.config.train.seed)
+                              collate=collate, transform=collate.fit, seed=self.config.train.seed)
         batch = {k: v.to(acc.device) for k, v in next(iter(loader)).items()}
         model.to(acc.device), parent.to(acc.device)
         with acc.autocast():
@@ -298,9 +299,11 @@ class Trainer:
     # --- data ----------------------------------------------------------------------------
 
     def _loader(self, sources, train: bool, batch_size: int, collate, position: dict[str, Any] | None = None):
+        """A loader of ``sources``; a ``TrainingCollate`` also drops (and counts) what exceeds ``max_length``."""
         acc, data = self.accelerator, self.config.data
+        transform = collate.fit if isinstance(collate, TrainingCollate) else None
         return build_loader(
-            [s.to_source() for s in sources], train=train, batch_size=batch_size, collate=collate,
+            [s.to_source() for s in sources], train=train, batch_size=batch_size, collate=collate, transform=transform,
             rank=acc.process_index, world_size=acc.num_processes, seed=self.config.train.seed,
             shuffle_buffer=data.shuffle_buffer, num_workers=data.num_workers, position=position,
         )
