@@ -117,7 +117,7 @@ def test_nothing_is_cut_silently_fit_keeps_the_turns_within_max_length_and_count
     alone = processor.training_batch(images(1), [[processor.prompt(q) for q in questions[:2]]], [answers[:2]])
     assert all(torch.equal(collate([fitted])[k], alone[k]) for k in alone)
     processor.max_text_length = 1
-    assert [s.reason for s in collate.fit(conversation())] == ["too_long"]
+    assert [(s.reason, s.count) for s in collate.fit(conversation())] == [("too_long", 3)]
 
 
 @pytest.mark.parametrize("power", [0.0, 0.5, 1.0])

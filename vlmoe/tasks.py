@@ -63,13 +63,14 @@ class TrainingCollate:
 
     def fit(self, sample: Sample) -> Iterator[Sample | Skipped]:
         """The sample with the turns that fit in ``max_length`` tokens; each turn that does not is
-        skipped and counted as ``too_long`` (the whole sample when its first turn does not fit)."""
+        skipped and counted as ``too_long`` (the whole conversation, every question counted, when its
+        first turn does not fit)."""
         prompts, targets = self.turns(sample)
         fitting = self.processor.turns_that_fit(prompts, targets)
         limit = (f"{self.processor.max_length} tokens with the image: raise model.max_text_length "
                  f"(now {self.processor.max_text_length}) to keep it")
         if fitting == 0:
-            yield Skipped("too_long", sample.url, sample.key, f"longer than {limit}")
+            yield Skipped("too_long", sample.url, sample.key, f"longer than {limit}", count=len(prompts))
             return
         for turn in range(fitting, len(prompts)):
             yield Skipped("too_long", sample.url, sample.key, f"question {turn + 1} of its conversation ends past {limit}")
