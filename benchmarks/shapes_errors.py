@@ -40,8 +40,11 @@ def test_questions(shards: str) -> dict[int, dict]:
 def referent(description: str, shapes: list[dict]) -> dict:
     """The one shape a description ("small red circle", "square", "blue shape") names."""
     words = set(description.split()) - {"shape"}
-    (shape,) = [s for s in shapes if words <= {s["size"], s["color"], s["shape"]}]
-    return shape
+    named = [s for s in shapes if words <= {s["size"], s["color"], s["shape"]}]
+    if len(named) != 1:
+        raise ValueError(f"{description!r} names {len(named)} of the scene's shapes {shapes}, not one: "
+                         "are these the shapes set's test shards (data_scripts/make_shapes.py)?")
+    return named[0]
 
 
 def side(shape: dict, image_size: int = 64) -> str:
