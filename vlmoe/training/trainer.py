@@ -298,10 +298,9 @@ class Trainer:
 
     # --- data ----------------------------------------------------------------------------
 
-    def _loader(self, sources, train: bool, batch_size: int, collate, position: dict[str, Any] | None = None):
-        """A loader of ``sources``; a ``TrainingCollate`` also drops (and counts) what exceeds ``max_length``."""
+    def _loader(self, sources, train: bool, batch_size: int, collate, transform=None,
+                position: dict[str, Any] | None = None):
         acc, data = self.accelerator, self.config.data
-        transform = collate.fit if isinstance(collate, TrainingCollate) else None
         return build_loader(
             [s.to_source() for s in sources], train=train, batch_size=batch_size, collate=collate, transform=transform,
             rank=acc.process_index, world_size=acc.num_processes, seed=self.config.train.seed,
@@ -317,9 +316,9 @@ class Trainer:
         if positions is None and self.state.step > 0:
             logger.warning("the checkpoint holds no data position (written by an older vlmoe): "
                            "the training data starts again from the beginning of the stream")
-        self.train_loader = self._loader(self.config.data.train, True, self.config.data.batch_size,
-                                         TrainingCollate(self.processor, self.config.data.caption_target),
-                                         position=positions[acc.process_index] if positions else None)
+        collate = TrainingCollate(self.processor, self.config.data.caption_target)
+        self.train_loader = self._loader(self.config.data.train, True, self.config.data.batch_size, collate,
+                                         collate.fit, position=positions[acc.process_index] if positions else None)
         return iter(self.train_loader)
 
     def _skipped(self) -> dict[str, int]:
@@ -455,7 +454,8 @@ class Trainer:
         for source in data.val:
             tag = f"val/{source.task}"
             loss_sum = torch.zeros(2, device=acc.device)
-            for batch in islice(iter(self._loader([source], False, data.eval_batch_size, TrainingCollate(self.processor))), limit):
+            collate = TrainingCollate(self.processor)
+            for batch in islice(iter(self._loader([source], False, data.eval_batch_size, collate, collate.fit)), limit):
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 with acc.autocast():
                     out = model(**batch)
