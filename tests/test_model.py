@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vlmoe import VLMoEConfig, VLMoEForConditionalGeneration, VLMoEProcessor, build_model, train_tokenizer
-from vlmoe.model.modeling import target_weights
+from vlmoe.model.modeling import shared_image_position_ids, target_weights
 
 TEXTS = ["a large red circle left of a small blue square", "Question: what color is it? Answer: red", "yes no 1 2 3"]
 VISION = dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, crop_pct=1.0)
@@ -153,9 +153,11 @@ def test_image_slot_puts_the_image_tokens_where_the_prompt_says(tokenizer):
     assert caption["input_ids"][0, 1 : 1 + len(image)].tolist() == image
 
 
-@pytest.mark.parametrize("template", ["default", "slot"])
-def test_generate_with_cache_equals_uncached_greedy(tokenizer, template):
-    model, processor = build(tokenizer, **({"vqa_prompt": SLOT_PROMPT} if template == "slot" else {}))
+@pytest.mark.parametrize("template,positions", [("default", "sequential"), ("slot", "sequential"), ("default", "shared"),
+                                                ("slot", "shared")])
+def test_generate_with_cache_equals_uncached_greedy(tokenizer, template, positions):
+    model, processor = build(tokenizer, image_position_ids=positions,
+                             **({"vqa_prompt": SLOT_PROMPT} if template == "slot" else {}))
     batch = processor.generation_batch(images(3), [processor.prompt(), processor.prompt("what color?"), processor.prompt()])
     generated = model.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=True, min_new_tokens=6)
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -166,6 +168,37 @@ def test_generate_with_cache_equals_uncached_greedy(tokenizer, template):
             ids = torch.cat([ids, next_token], dim=1)
             mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
     assert torch.equal(generated, ids)
+
+
+@pytest.mark.parametrize("positions", ["shared", "sequential"])
+def test_shared_image_positions_find_image_tokens_by_what_they_hold(tokenizer, positions):
+    """With shared positions, the order of an image's tokens in the sequence changes nothing at the text
+    positions of a one-layer decoder (attention tells them apart by content only; deeper, causal
+    attention among the image tokens depends on their order); with sequential ones it does."""
+    one_layer = {"text_config": {**TEXT, "num_hidden_layers": 1}, "moe_every": 1}
+    model, processor = build(tokenizer, image_position_ids=positions, decoder=one_layer, share=False)
+    batch = processor.training_batch(images(2), [processor.prompt("what color?")] * 2, ["red", "blue"])
+    ids, n = batch["input_ids"], processor.num_image_tokens
+    is_image = ids == processor.image_token_id
+    assert is_image[:, 1 : 1 + n].all()  # bos, then the image
+    assert shared_image_position_ids(is_image)[0, : n + 3].tolist() == [0] + [1] * n + [2, 3]
+    with torch.no_grad():
+        text_embeds = model.get_input_embeddings()(ids.masked_fill(is_image, 0))
+        embeds = model._merge_image_embeds(text_embeds, model.encode_images(batch["pixel_values"])[0], is_image)
+        shuffled = embeds.clone()
+        shuffled[:, 1 : 1 + n] = embeds[:, 1 + torch.randperm(n, generator=torch.Generator().manual_seed(0))]
+        logits = [model(input_ids=ids, attention_mask=batch["attention_mask"], inputs_embeds=e).logits[~is_image]
+                  for e in (embeds, shuffled)]
+    difference = (logits[0] - logits[1]).abs().max()
+    if positions == "shared":
+        assert difference < 1e-6
+    else:
+        assert difference > 1e-5
+
+
+def test_image_position_ids_must_be_known():
+    with pytest.raises(ValueError, match="image_position_ids='rows' is not one of"):
+        tiny_config(image_position_ids="rows")
 
 
 def _padded_pair(processor, side: str) -> dict[str, torch.Tensor]:

@@ -186,14 +186,19 @@ def test_a_run_folder_holds_one_run(shapes, tmp_path):
 
 
 def test_two_processes_match_one_process(shapes, tmp_path):
-    steps = ["train.steps=6", "optim.lr=1e-3"]
-    single = run_script(overrides(shapes, str(tmp_path), "single", *steps, "data.batch_size=8"))
+    """The same config (``data.split_batches``: 8 samples a step, whatever the processes) on one
+    process and on two."""
+    steps = ["train.steps=6", "optim.lr=1e-3", "data.batch_size=8", "data.split_batches=true", "train.checkpoint_every=6"]
+    single = run_script(overrides(shapes, str(tmp_path), "single", *steps))
     assert single.wait(timeout=300) == 0, single.stderr.read()[-3000:]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
-    double = run_script(overrides(shapes, str(tmp_path), "double", *steps, "data.batch_size=4"), launcher)
+    double = run_script(overrides(shapes, str(tmp_path), "double", *steps), launcher)
     assert double.wait(timeout=300) == 0, double.stderr.read()[-3000:]
     one, two = losses(str(tmp_path / "single")), losses(str(tmp_path / "double"))
     assert set(one) == set(two) == set(range(1, 7))
+    for name in ("single", "double"):
+        with open(tmp_path / name / "checkpoints" / "step_00000006" / "trainer_state.json") as f:
+            assert json.load(f)["samples_seen"] == 6 * 8, name
     # Same initial model and global batch; the processes see other samples, so losses agree within noise.
     assert abs(two[1] - one[1]) / one[1] < 0.05
     mean_one, mean_two = sum(one.values()) / 6, sum(two.values()) / 6
@@ -293,11 +298,22 @@ def test_fsdp2_sharding_matches_unsharded_model(tmp_path):
         ("model.decoder.moe_every=2", "share_moe_layers needs as many MoE layers"),
         ("train.loss_average=mean", "train.loss_average='mean' is not one of ['token', 'square', 'sample']"),
         ("data.caption_target=first", "data.caption_target='first' is not one of ['canonical', 'random']"),
+        ("model.image_position_ids=rows", "image_position_ids='rows' is not one of ['sequential', 'shared']"),
     ],
 )
 def test_bad_config_names_the_key(override, match):
     with pytest.raises(ValueError, match=re.escape(match)):
         load_config(os.path.join(ROOT, "configs/tiny.yaml"), [override])
+
+
+def test_split_batches_gives_each_process_its_share_or_names_the_key():
+    data = load_config(os.path.join(ROOT, "configs/tiny.yaml"), ["data.batch_size=96", "data.split_batches=true"]).data
+    assert [data.batch_size_per_process(n) for n in (1, 2, 4)] == [96, 48, 24]
+    with pytest.raises(ValueError, match=re.escape("data.batch_size=96 with data.split_batches=true does not split "
+                                                   "evenly over 5 processes")):
+        data.batch_size_per_process(5)
+    unsplit = load_config(os.path.join(ROOT, "configs/tiny.yaml"), ["data.batch_size=96", "data.split_batches=false"]).data
+    assert unsplit.batch_size_per_process(2) == 96
 
 
 def test_tokenizer_learns_from_every_training_source(shapes):

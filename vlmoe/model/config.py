@@ -272,6 +272,9 @@ def check_prompts(caption_prompt: str, vqa_prompt: str) -> None:
         raise ValueError(f"vqa_prompt {vqa_prompt!r} must contain {{question}}")
 
 
+IMAGE_POSITION_IDS = ("sequential", "shared")
+
+
 class VLMoEConfig(PreTrainedConfig):
     """The whole vision-language MoE model.
 
@@ -286,6 +289,10 @@ class VLMoEConfig(PreTrainedConfig):
             block of the image (``VLMoEForConditionalGeneration._pixel_loss``); 0 = off.
         pixel_loss_size: the pixels a side each image token reconstructs (its block, average-pooled);
             ``None``: the block at the image's resolution.
+        image_position_ids: the decoder positions of an image's tokens: ``sequential`` (one each, in
+            reading order) or ``shared`` (all at one position; the text after goes on from the next).
+            Shared, attention finds an image token by what it holds, not by how far back it is;
+            where a token lies in the image is then told by ``projector.positions``.
     """
 
     model_type = "vlmoe"
@@ -302,6 +309,7 @@ class VLMoEConfig(PreTrainedConfig):
     max_text_length: int = 64
     pixel_loss_weight: float = 0.0
     pixel_loss_size: int | None = None
+    image_position_ids: str = "sequential"
 
     def __post_init__(self, **kwargs):
         for name in _PARTS:
@@ -313,6 +321,8 @@ class VLMoEConfig(PreTrainedConfig):
             raise ValueError(f"pixel_loss_weight must be >= 0, got {self.pixel_loss_weight}")
         if self.pixel_loss_size is not None and self.pixel_loss_size < 1:
             raise ValueError(f"pixel_loss_size must be >= 1, got {self.pixel_loss_size}")
+        if self.image_position_ids not in IMAGE_POSITION_IDS:
+            raise ValueError(f"image_position_ids={self.image_position_ids!r} is not one of {list(IMAGE_POSITION_IDS)}")
         super().__post_init__(**kwargs)
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:

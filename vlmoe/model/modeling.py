@@ -69,6 +69,14 @@ def decoder_modality(is_image: Tensor, attention_mask: Tensor | None) -> Tensor:
     return modality.masked_fill(~is_data, PADDING)
 
 
+def shared_image_position_ids(is_image: Tensor) -> Tensor:
+    """``(B, T)`` decoder positions in which every token of an image takes the position of its first
+    token and the text after it goes on from the next one. Only differences of positions matter to
+    rotary embeddings, so left or right padding changes nothing."""
+    continues_image = is_image & F.pad(is_image[:, :-1], (1, 0), value=False)
+    return (~continues_image).long().cumsum(-1) - 1
+
+
 def target_weights(labels: Tensor, power: float = 0.0) -> Tensor:
     """``(B, T)`` loss weights: ``n ** -power`` at each of a row's ``n`` target positions, 0 elsewhere
     (power 0: every target token counts the same; 1: every sample does)."""
@@ -199,6 +207,10 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
             if pixel_values is not None:
                 image_embeds, vision_records = self.encode_images(pixel_values)
                 inputs_embeds = self._merge_image_embeds(inputs_embeds, image_embeds, is_image)
+        if position_ids is None and self.config.image_position_ids == "shared":
+            position_ids = shared_image_position_ids(is_image)
+            if attention_mask is None:  # transformers would read repeated positions as packed sequences
+                attention_mask = torch.ones_like(input_ids)
         modality = decoder_modality(is_image, attention_mask)  # (B, T)
         with moe_scope(self.language_model, modality) as decoder_records:
             out = self.language_model(
@@ -208,6 +220,13 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         routing = self._routing(vision_records, decoder_records)
         losses = self._losses(out.logits, labels, routing, image_embeds, pixel_values, num_items_in_batch, label_weights)
         return VLMoEOutput(**out, routing=routing, **losses)
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, *args, **kwargs) -> dict:
+        """transformers' own, with shared image positions numbered over the whole sequence so far
+        (the new tokens' positions continue the prefill's)."""
+        if self.config.image_position_ids == "shared":
+            kwargs["position_ids"] = shared_image_position_ids(input_ids == self.config.image_token_id)
+        return super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
 
     def _merge_image_embeds(self, inputs_embeds: Tensor, image_embeds: Tensor, is_image: Tensor) -> Tensor:
         expected = int(is_image.sum())

@@ -69,6 +69,7 @@ class ModelConfig:
     max_text_length: int = 64
     pixel_loss_weight: float = 0.0
     pixel_loss_size: int | None = None
+    image_position_ids: str = "sequential"
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     init_from: str | None = None
     upcycle_noise: float = 0.0
@@ -103,7 +104,7 @@ class ModelConfig:
             share_moe_layers=self.share_moe_layers, caption_prompt=self.caption_prompt,
             vqa_prompt=self.vqa_prompt, max_text_length=self.max_text_length,
             pixel_loss_weight=self.pixel_loss_weight,
-            pixel_loss_size=self.pixel_loss_size,
+            pixel_loss_size=self.pixel_loss_size, image_position_ids=self.image_position_ids,
         )
 
 
@@ -122,7 +123,9 @@ class SourceConfig:
 class DataConfig:
     """Attributes:
     train / val: shard sources (pattern, task, weight); training mixes ``train`` by weight.
-    batch_size: samples per process per step (before gradient accumulation).
+    batch_size: samples per process per step (before gradient accumulation); with
+        ``split_batches``, samples per step over all processes, each loading its share (as
+        Accelerate's ``split_batches``), so that a config trains the same on any number of processes.
     caption_target: what a caption sample trains on: ``canonical``, its first reference;
         ``random``, one of its references, drawn anew each epoch (``vlmoe.tasks.training_target``).
     """
@@ -130,6 +133,7 @@ class DataConfig:
     train: list[SourceConfig] = field(default_factory=list)
     val: list[SourceConfig] = field(default_factory=list)
     batch_size: int = 32
+    split_batches: bool = False
     eval_batch_size: int = 64
     num_workers: int = 2
     shuffle_buffer: int = 1000
@@ -141,6 +145,14 @@ class DataConfig:
         for name in ("batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+
+    def batch_size_per_process(self, num_processes: int) -> int:
+        if not self.split_batches:
+            return self.batch_size
+        if self.batch_size % num_processes:
+            raise ValueError(f"data.batch_size={self.batch_size} with data.split_batches=true does not split evenly "
+                             f"over {num_processes} processes")
+        return self.batch_size // num_processes
 
 
 @dataclass

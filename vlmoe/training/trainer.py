@@ -218,13 +218,14 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=moe_loop)],
         )
         check_launch(self.accelerator)  # refuses `accelerate launch --cpu --num_processes 2` (one process)
+        self.batch_size = config.data.batch_size_per_process(self.accelerator.num_processes)
         if self.accelerator.gradient_accumulation_steps != train.grad_accum:
             raise ValueError(
                 f"train.grad_accum={train.grad_accum} but the launcher set gradient_accumulation_steps="
                 f"{self.accelerator.gradient_accumulation_steps} (accelerate config): make them equal"
             )
         if deepspeed:  # the loader is not prepared, so DeepSpeed cannot read the batch size off it
-            self.accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.data.batch_size
+            self.accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.batch_size
         set_seed(train.seed)
         self.accelerator.wait_for_everyone()  # every process has looked at the run folder before it changes
         if self.accelerator.is_main_process:
@@ -317,7 +318,7 @@ class Trainer:
             logger.warning("the checkpoint holds no data position (written by an older vlmoe): "
                            "the training data starts again from the beginning of the stream")
         collate = TrainingCollate(self.processor, self.config.data.caption_target)
-        self.train_loader = self._loader(self.config.data.train, True, self.config.data.batch_size, collate,
+        self.train_loader = self._loader(self.config.data.train, True, self.batch_size, collate,
                                          collate.fit, position=positions[acc.process_index] if positions else None)
         return iter(self.train_loader)
 
