@@ -479,6 +479,31 @@ def test_training_without_readable_data_raises(tmp_path: Path) -> None:
         next(iter(dataset))
 
 
+@pytest.mark.parametrize("where", ["reader", "transform"])
+def test_training_where_every_sample_is_skipped_raises_instead_of_waiting(tmp_path: Path, where: str) -> None:
+    """Every sample dropped, by the parser (bad JSON) or by the loader's transform (e.g. too long):
+    an error after one whole pass that names the reason and a sample; beside a good source the
+    same samples are skipped and counted, and training goes on."""
+    bad = [m for i in range(3) for m in [(f"b{i}.png", png()), (f"b{i}.json", "[1, 2" if where == "reader" else '{"captions": ["x"]}')]]
+    write_tar(tmp_path / "bad.tar", bad)
+    good = [m for i in range(3) for m in [(f"g{i}.png", png()), (f"g{i}.txt", "a red square")]]
+    write_tar(tmp_path / "good.tar", good)
+
+    def drop_bad(sample):  # what TrainingCollate.fit does to a sample too long for the model
+        yield resumable.Skipped("too_long", sample.url, sample.key, "longer than 10") if sample.key.startswith("b") else sample
+
+    transform = drop_bad if where == "transform" else None
+    reason = "bad_json" if where == "reader" else "too_long"
+    alone = build_dataset(DataSource(str(tmp_path / "bad.tar"), "caption"), train=True, batch_size=2, transform=transform)
+    with pytest.raises(RuntimeError, match=rf"every training sample is skipped.*{reason}: \d+.*'b\d' of shard .*bad.tar"):
+        next(iter(alone))
+    mixed = build_dataset([DataSource(str(tmp_path / "bad.tar"), "caption"), DataSource(str(tmp_path / "good.tar"), "caption")],
+                          train=True, batch_size=2, transform=transform, shuffle_buffer=1)
+    batches = list(itertools.islice(iter(mixed), 20))
+    assert all(sample.key.startswith("g") for batch in batches for sample in batch.data)
+    assert sum(batch.skipped.get(reason, 0) for batch in batches) > 0
+
+
 def test_training_samples_know_their_epoch_and_random_caption_targets_are_drawn_anew_each_epoch(tmp_path: Path) -> None:
     """A training stream stamps each sample with the passes over its source before it; with
     ``caption_target="random"`` a caption sample's target is one of its references, the same for the

@@ -27,7 +27,8 @@ Notable choices:
   ``Batch`` carries the skip counts met since the previous batch (a last ``Batch`` with
   ``size == 0`` flushes counts that came after the last full batch). This works unchanged inside
   DataLoader worker processes; ``SampleLoader`` unpacks the batches and sums the counts in
-  ``loader.stats`` in the main process.
+  ``loader.stats`` in the main process. A training stream in which a whole pass over every source
+  gives no sample (all corrupt, all too long) raises instead of repeating forever.
 """
 
 from __future__ import annotations
@@ -224,15 +225,23 @@ class Batcher:
         samples: list[Sample] = []
         skipped: Counter[str] = Counter()
         position: StreamPosition | None = None
+        epochs_at_sample: list[int] = []  # each source's epoch when the last sample came
+        skipped_since_sample: Counter[str] = Counter()
         for item in src:
             if isinstance(item, StreamPosition):
                 position = item
+                epochs_at_sample = [cursor.epoch for cursor in position.sources]
                 continue
             if isinstance(item, Skipped):
                 logger.warning(item.describe())
                 skipped[item.reason] += item.count
+                skipped_since_sample[item.reason] += item.count
+                if position is not None:
+                    _check_progress(position, epochs_at_sample, skipped_since_sample, item)
                 continue
             samples.append(item)
+            if position is not None:
+                epochs_at_sample, skipped_since_sample = [cursor.epoch for cursor in position.sources], Counter()
             if len(samples) == self.batch_size:
                 yield self._batch(samples, skipped, position)
                 samples, skipped = [], Counter()
@@ -245,6 +254,15 @@ class Batcher:
     def _batch(self, samples: list[Sample], skipped: Counter[str], position: StreamPosition | None) -> Batch:
         data = samples if self.collate is None else self.collate(samples)
         return Batch(data, len(samples), dict(skipped), position.snapshot() if position else None)
+
+
+def _check_progress(position: StreamPosition, epochs_at_sample: list[int], skipped: Counter[str], last: Skipped) -> None:
+    """The training stream repeats forever: once every source has gone through a whole pass since
+    the last sample without yielding one, every sample is being skipped, and it would wait forever."""
+    if all(cursor.epoch >= epoch + 2 for cursor, epoch in zip(position.sources, epochs_at_sample)):
+        counts = ", ".join(f"{reason}: {n}" for reason, n in skipped.most_common())
+        raise RuntimeError(f"every training sample is skipped: a whole pass over every source gave none "
+                           f"({counts}); the last one: {last.describe()}")
 
 
 # ---------------------------------------------------------------------------------------------
