@@ -227,3 +227,18 @@ def test_train_py_starts_from_a_dense_run(shapes, tmp_path):
     assert len(model.moe_layers()["vision"]) == 2 and isinstance(model.moe_layers()["vision"][0], MoELayer)
     with pytest.raises(ValueError, match=r"model.init_from=.*model\.vision\.embed_dim=64 differs"):
         load_config(os.path.join(ROOT, "configs/tiny-upcycle.yaml"), [*upcycled, "model.vision.embed_dim=64"])
+
+
+def test_expert_spread_is_zero_right_after_upcycling_and_grows_with_noise(dense_dir):
+    """benchmarks/expert_spread.py: experts upcycled without noise sit at their mean; noise of
+    relative std s puts each about s from it; the image/text distance is half the L1 of the loads."""
+    from benchmarks.expert_spread import expert_spread, image_text_distance
+
+    parent, processor = load_run(dense_dir)
+    exact = expert_spread(upcycle(parent, processor, config()).state_dict())
+    noisy = expert_spread(upcycle(parent, processor, config(), noise=0.05).state_dict())
+    assert len(exact) == 4 and set(exact.values()) == {0.0}  # 2 ViT + 2 decoder layers
+    assert set(noisy) == set(exact) and all(0.02 < spread < 0.08 for spread in noisy.values()), noisy
+    routing = {"vision.0": {"image": {"load": [0.5, 0.5]}},
+               "decoder.0": {"image": {"load": [0.75, 0.25]}, "text": {"load": [0.25, 0.75]}}}
+    assert image_text_distance(routing) == {"decoder.0": 0.5}
