@@ -225,23 +225,20 @@ class Batcher:
         samples: list[Sample] = []
         skipped: Counter[str] = Counter()
         position: StreamPosition | None = None
-        epochs_at_sample: list[int] = []  # each source's epoch when the last sample came
-        skipped_since_sample: Counter[str] = Counter()
+        run: SkipRun | None = None  # the skips since the last sample (training streams only)
         for item in src:
             if isinstance(item, StreamPosition):
                 position = item
-                epochs_at_sample = [cursor.epoch for cursor in position.sources]
                 continue
             if isinstance(item, Skipped):
                 logger.warning(item.describe())
                 skipped[item.reason] += item.count
-                skipped_since_sample[item.reason] += item.count
                 if position is not None:
-                    _check_progress(position, epochs_at_sample, skipped_since_sample, item)
+                    run = run or SkipRun([cursor.epoch for cursor in position.sources])
+                    run.add(item, position)
                 continue
             samples.append(item)
-            if position is not None:
-                epochs_at_sample, skipped_since_sample = [cursor.epoch for cursor in position.sources], Counter()
+            run = None
             if len(samples) == self.batch_size:
                 yield self._batch(samples, skipped, position)
                 samples, skipped = [], Counter()
@@ -256,13 +253,21 @@ class Batcher:
         return Batch(data, len(samples), dict(skipped), position.snapshot() if position else None)
 
 
-def _check_progress(position: StreamPosition, epochs_at_sample: list[int], skipped: Counter[str], last: Skipped) -> None:
-    """The training stream repeats forever: once every source has gone through a whole pass since
-    the last sample without yielding one, every sample is being skipped, and it would wait forever."""
-    if all(cursor.epoch >= epoch + 2 for cursor, epoch in zip(position.sources, epochs_at_sample)):
-        counts = ", ".join(f"{reason}: {n}" for reason, n in skipped.most_common())
-        raise RuntimeError(f"every training sample is skipped: a whole pass over every source gave none "
-                           f"({counts}); the last one: {last.describe()}")
+@dataclass
+class SkipRun:
+    """Skips in a row in the training stream, which repeats forever: once every source has gone
+    through a whole pass since the first of them without a sample, every sample is being
+    skipped, and the stream would wait forever."""
+
+    epochs: list[int]  # each source's epoch at the first skip
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def add(self, item: Skipped, position: StreamPosition) -> None:
+        self.counts[item.reason] += item.count
+        if all(cursor.epoch >= epoch + 2 for cursor, epoch in zip(position.sources, self.epochs)):
+            counts = ", ".join(f"{reason}: {n}" for reason, n in self.counts.most_common())
+            raise RuntimeError(f"every training sample is skipped: a whole pass over every source gave none "
+                               f"({counts}); the last one: {item.describe()}")
 
 
 # ---------------------------------------------------------------------------------------------
