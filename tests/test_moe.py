@@ -227,19 +227,24 @@ def _forms_by_rows(threshold: int):
     return time_form
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["rows", "padded-rows"])
 @pytest.mark.parametrize("variant", list(EXPERT_VARIANTS))
 @pytest.mark.parametrize("forms", ["rows_first", "weight_first", "mixed", "measured"])
-def test_cpu_block_forms_equal_loop(monkeypatch, variant, forms):
+def test_cpu_block_forms_equal_loop(monkeypatch, variant, forms, padded):
     """Each form of a CPU block's matmuls, both in one call (the autotune picks per shape class),
-    and whatever this machine's timing picks, equal the loop."""
+    and whatever this machine's timing picks, equal the loop; so do blocks padded with zero rows
+    (as in bf16 on CPU)."""
     expert_type, bias, out_features = EXPERT_VARIANTS[variant]
     grouped = make_layer(num_experts=4, top_k=2, expert_type=expert_type, bias=bias, out=out_features)
     loop = clone_with(grouped, implementation="loop")
     x = torch.randn(3, 16, DIM, dtype=F64)
     grad_out = torch.randn(3, 16, out_features or DIM, dtype=F64)
     out_l, gx_l, grads_l = run_layer(loop, x, 0, grad_out)
-    rows = (out_l.load * out_l.tokens[:, None] * 2).sum(0)  # rows of each expert's block
-    assert rows.max() > rows.min(), rows
+    rows = (out_l.load * out_l.tokens[:, None] * 2).sum(0).round().long().tolist()  # rows of each expert's block
+    assert max(rows) > min(rows), rows
+    monkeypatch.setattr(experts_module, "pads_rows", lambda x: padded)
+    if padded:
+        assert any(experts_module.padded_rows(n) > n for n in rows), rows
     monkeypatch.setattr(experts_module, "_chosen_forms", {})
     if forms in experts_module.MATMUL_FORMS:
         monkeypatch.setenv(experts_module.FORM_ENV, forms)
@@ -256,6 +261,19 @@ def test_cpu_block_forms_equal_loop(monkeypatch, variant, forms):
     assert_close(gx_g, gx_l)
     for name in grads_l:
         assert_close(grads_g[name], grads_l[name], msg=name)
+
+
+def test_padded_rows_are_few_sizes_with_little_padding():
+    assert [experts_module.padded_rows(n) for n in (0, 1, 15, 16, 17, 31, 33, 100, 1000, 1025)] == [
+        0, 1, 15, 16, 18, 32, 36, 104, 1024, 1152]
+    sizes = [experts_module.padded_rows(n) for n in range(1, 8193)]
+    assert all(n <= size < n * 9 / 8 for n, size in enumerate(sizes, 1))
+    assert len(set(sizes)) == 15 + 8 * 9 + 1  # every size below 16, 8 per power of two from 16 to 8192, 8192
+
+
+def test_padding_only_for_reduced_precision_on_cpu():
+    assert [experts_module.pads_rows(torch.zeros(2, 2, dtype=dtype)) for dtype in (F64, torch.float32)] == [False] * 2
+    assert all(experts_module.pads_rows(torch.zeros(2, 2, dtype=dtype)) for dtype in (torch.bfloat16, torch.float16))
 
 
 def test_autotune_measures_each_shape_class_once(monkeypatch):

@@ -23,6 +23,10 @@ Notable choices:
      projection for all experts in one launch, with the group offsets on the device.
   5. The group sizes stay on the device (``Dispatch.counts``); only the per-expert CPU walk and
      the loop read them on the host (one sync per call), the grouped_mm path never does.
+  6. In bf16/fp16 on CPU, oneDNN generates a matmul kernel for every new shape (1-2 ms each) and
+     an expert's row count changes every call, so each block's rows are padded with zero rows up
+     to one of a few sizes (``padded_rows``: under 1/8 more rows) and its kernels are reused.
+     Zero rows add nothing to the weight gradients and their outputs are dropped.
 """
 
 from __future__ import annotations
@@ -149,6 +153,17 @@ def expert_form(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> str:
 def expert_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ weight.T (+ bias)`` for one expert's rows, in this shape class's faster form."""
     return MATMUL_FORMS[expert_form(x, weight, bias)](x, weight, bias)
+
+
+def padded_rows(rows: int) -> int:
+    """``rows`` rounded up to a multiple of 2^(bits - 4): 8 sizes per power of two, under 1/8 more."""
+    step = 1 << max(rows.bit_length() - 4, 0)
+    return -(-rows // step) * step
+
+
+def pads_rows(x: Tensor) -> bool:
+    """Whether the CPU walk pads blocks to ``padded_rows`` (reduced precision on CPU: NOTE 6)."""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def _check_activation(name: str) -> None:
@@ -278,10 +293,10 @@ def _grouped_mm_available(device: torch.device) -> bool:
 
 
 def _grouped_mm_accepts(x: Tensor, *weights: Tensor) -> bool:
-    """``F.grouped_mm`` takes float32/bf16/fp16 with every row a multiple of 16 bytes."""
+    """``F.grouped_mm`` takes float32/bf16/fp16 with every row a multiple of 16 bytes (in ``x``'s dtype)."""
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    return all(w.shape[-1] * w.element_size() % 16 == 0 and w.shape[-2] * w.element_size() % 16 == 0 for w in weights)
+    return all(w.shape[-1] * x.element_size() % 16 == 0 and w.shape[-2] * x.element_size() % 16 == 0 for w in weights)
 
 
 class _Blocks:
@@ -294,8 +309,8 @@ class _Blocks:
     group sizes never leave the device.
     """
 
-    def __init__(self, counts: Tensor, rows: int, grouped: bool):
-        self.counts, self.rows = counts, rows
+    def __init__(self, counts: Tensor, rows: int, grouped: bool, pad: bool = False):
+        self.counts, self.rows, self.pad = counts, rows, pad and not grouped
         if grouped:
             self.offsets = counts.cumsum(0).to(torch.int32)
             self.blocks = [(slice(0, rows), slice(0, counts.shape[0]))]
@@ -304,6 +319,12 @@ class _Blocks:
             self.sizes = counts.tolist()  # the walk slices on the host: this call's one sync
             starts = itertools.accumulate(self.sizes, initial=0)
             self.blocks = [(slice(s, s + n), slice(e, e + 1)) for e, (s, n) in enumerate(zip(starts, self.sizes)) if n]
+
+    def padded(self, t: Tensor) -> Tensor:
+        """One block's rows ``t`` followed by zero rows up to ``padded_rows`` (when padding: NOTE 6)."""
+        if not self.pad:
+            return t
+        return F.pad(t, (0, 0, 0, padded_rows(t.shape[0]) - t.shape[0]))
 
     @cached_property
     def expert_of_row(self) -> Tensor:
@@ -375,58 +396,65 @@ class GroupedExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation):
         # Under autocast, compute in the autocast dtype explicitly (backward runs outside autocast).
+        # Each block casts only its own experts' weights: a decode step uses a few of them.
         ctx.dtypes = (x.dtype, weights.dtype, in_proj.dtype, None if in_bias is None else in_bias.dtype)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
-            cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
             return GroupedExpertsFunction._forward(
-                ctx, cast(x), cast(weights), token_idx, counts, cast(in_proj), cast(in_bias), cast(out_proj),
-                cast(out_bias), gated, activation,
+                ctx, x.to(dtype), weights.to(dtype), token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated,
+                activation,
             )
 
     @staticmethod
     def _forward(ctx, x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation):
         act = EXPERT_ACTIVATIONS[activation][0]
         grouped = _grouped_mm_available(x.device) and _grouped_mm_accepts(x, in_proj, out_proj)
-        plan = _Blocks(counts, token_idx.shape[0], grouped)
+        plan = _Blocks(counts, token_idx.shape[0], grouped, pads_rows(x))
         out = x.new_zeros(x.shape[0], out_proj.shape[1])  # (T, D_out)
         saved = []
         for rows, experts in plan.blocks:
-            xs = x.index_select(0, token_idx[rows])  # (n, D_in)
-            h = plan.linear(xs, in_proj[experts], None if in_bias is None else in_bias[experts])  # (n, G*H)
-            a, act_gate = _activate(h, gated, act)  # (n, H)
-            y = plan.linear(a, out_proj[experts], None if out_bias is None else out_bias[experts])  # (n, D_out)
-            out.index_add_(0, token_idx[rows], y * weights[rows, None])
-            saved.append((xs, h, act_gate, a, y))
-        ctx.save_for_backward(weights, token_idx, in_proj, out_proj)
+            n = rows.stop - rows.start
+            w_in, b_in, w_out, b_out = (
+                None if t is None else t[experts].to(x.dtype) for t in (in_proj, in_bias, out_proj, out_bias)
+            )
+            xs = plan.padded(x.index_select(0, token_idx[rows]))  # (n', D_in), n' >= n (zero rows after n)
+            h = plan.linear(xs, w_in, b_in)  # (n', G*H)
+            a, act_gate = _activate(h, gated, act)  # (n', H)
+            y = plan.linear(a, w_out, b_out)  # (n', D_out)
+            out.index_add_(0, token_idx[rows], y[:n] * weights[rows, None])
+            saved.append((xs, h, act_gate, a, y, w_in, w_out))
+        ctx.save_for_backward(weights, token_idx)
         ctx.blocks, ctx.plan = saved, plan
-        ctx.meta = (activation, in_bias is not None, out_bias is not None, x.shape)
+        ctx.meta = (activation, in_proj.shape, None if in_bias is None else in_bias.shape, out_proj.shape,
+                    None if out_bias is None else out_bias.shape, x.shape)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        weights, token_idx, in_proj, out_proj = ctx.saved_tensors
-        activation, has_in_bias, has_out_bias, x_shape = ctx.meta
+        weights, token_idx = ctx.saved_tensors
+        activation, in_shape, in_bias_shape, out_shape, out_bias_shape, x_shape = ctx.meta
         plan, act_backward = ctx.plan, EXPERT_ACTIVATIONS[activation][1]
         need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_out.new_zeros(x_shape) if need_x else None
         grad_weights = weights.new_zeros(weights.shape) if need_weights else None
-        grad_in_proj, grad_out_proj = torch.empty_like(in_proj), torch.empty_like(out_proj)
-        grad_in_bias = in_proj.new_empty(in_proj.shape[:2]) if has_in_bias else None
-        grad_out_bias = out_proj.new_empty(out_proj.shape[:2]) if has_out_bias else None
-        for (rows, experts), (xs, h, act_gate, a, y) in zip(plan.blocks, ctx.blocks):
+        grad_in_proj, grad_out_proj = grad_out.new_empty(in_shape), grad_out.new_empty(out_shape)
+        grad_in_bias = None if in_bias_shape is None else grad_out.new_empty(in_bias_shape)
+        grad_out_bias = None if out_bias_shape is None else grad_out.new_empty(out_bias_shape)
+        for (rows, experts), (xs, h, act_gate, a, y, w_in, w_out) in zip(plan.blocks, ctx.blocks):
+            n = rows.stop - rows.start
             gy = grad_out.index_select(0, token_idx[rows])  # (n, D_out)
             if need_weights:
-                grad_weights[rows] = (gy * y).sum(-1)
+                grad_weights[rows] = (gy * y[:n]).sum(-1)
             gy *= weights[rows, None]
+            gy = plan.padded(gy)  # (n', D_out): its zero rows add nothing below
             grad_out_proj = plan.weight_grad(gy, a, grad_out_proj, experts)
             grad_out_bias = plan.bias_grad(gy, grad_out_bias, experts)
-            gh = _activate_backward(plan.input_grad(gy, out_proj[experts]), h, act_gate, act_backward)  # (n, G*H)
+            gh = _activate_backward(plan.input_grad(gy, w_out), h, act_gate, act_backward)  # (n', G*H)
             grad_in_proj = plan.weight_grad(gh, xs, grad_in_proj, experts)
             grad_in_bias = plan.bias_grad(gh, grad_in_bias, experts)
             if need_x:
-                grad_x.index_add_(0, token_idx[rows], plan.input_grad(gh, in_proj[experts]))
+                grad_x.index_add_(0, token_idx[rows], plan.input_grad(gh, w_in)[:n])
         for grad in (grad_in_proj, grad_out_proj, grad_in_bias, grad_out_bias):
             if grad is not None:
                 plan.zero_idle(grad)
