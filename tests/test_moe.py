@@ -1137,6 +1137,26 @@ def test_bfloat16(expert_type, implementation, router):
         assert_close(g.float() / scale, grads32[name] / scale, **tol, msg=name)
 
 
+@pytest.mark.parametrize("expert_type", ["swiglu", "gelu"])
+def test_loop_and_grouped_agree_under_bf16_autocast(expert_type):
+    """float32 weights and inputs under CPU bf16 autocast: both implementations compute in bf16 and
+    agree; the float32 parameters get float32 gradients."""
+    grouped = make_layer(dtype=torch.float32, num_experts=4, top_k=2, expert_type=expert_type)
+    loop = clone_with(grouped, implementation="loop")
+    x, grad_out = torch.randn(2, 40, DIM), torch.randn(2, 40, DIM)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_g, gx_g, grads_g = run_layer(grouped, x, two_modalities(2, 40), grad_out)
+        out_l, gx_l, grads_l = run_layer(loop, x, two_modalities(2, 40), grad_out)
+    assert out_g.hidden_states.dtype == out_l.hidden_states.dtype == torch.bfloat16
+    tol = {"atol": 3e-2, "rtol": 3e-2}
+    assert_close(out_g.hidden_states.float(), out_l.hidden_states.float(), **tol)
+    assert_close(gx_g, gx_l, **tol)
+    for name, g in grads_l.items():
+        assert g.dtype == grads_g[name].dtype == torch.float32, name
+        scale = g.abs().max().clamp(min=1e-3)
+        assert_close(grads_g[name] / scale, g / scale, **tol, msg=name)
+
+
 def test_builds_on_meta_device():
     layer = MoELayer(DIM, HIDDEN, config=MoEConfig(num_experts=4, top_k=2, num_shared_experts=1), device="meta")
     assert all(p.device.type == "meta" for p in layer.parameters())

@@ -31,6 +31,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -101,8 +102,12 @@ def shape_class(x: Tensor, weight: Tensor, bias: Tensor | None) -> str:
     """Calls that share a form: rows rounded up to a power of two, the weight's shape and layout
     (a string: the choices go into checkpoints as JSON)."""
     rows = 1 << max(x.shape[0] - 1, 0).bit_length()
-    shape, stride = "x".join(map(str, weight.shape)), ",".join(map(str, weight.stride()))
-    return f"rows={rows} weight={shape} stride={stride} bias={bias is not None} {x.dtype} {x.device.type}"
+    return _shape_class_name(rows, weight.shape, weight.stride(), bias is not None, x.dtype, x.device.type)
+
+
+@functools.lru_cache(maxsize=4096)  # called for every block's matmul: a few classes, named once each
+def _shape_class_name(rows: int, shape: tuple, stride: tuple, bias: bool, dtype: torch.dtype, device: str) -> str:
+    return f"rows={rows} weight={'x'.join(map(str, shape))} stride={','.join(map(str, stride))} bias={bias} {dtype} {device}"
 
 
 def _time_form(form: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> float:
@@ -164,6 +169,12 @@ def padded_rows(rows: int) -> int:
 def pads_rows(x: Tensor) -> bool:
     """Whether the CPU walk pads blocks to ``padded_rows`` (reduced precision on CPU: NOTE 6)."""
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's where it is on, else the input's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _check_activation(name: str) -> None:
@@ -263,7 +274,7 @@ class Experts(nn.Module):
 
     def _forward_loop(self, x: Tensor, dispatch: Dispatch) -> Tensor:
         act = EXPERT_ACTIVATIONS[self.activation][0]
-        out = x.new_zeros(x.shape[0], self.out_proj.shape[1])
+        out = x.new_zeros(x.shape[0], self.out_proj.shape[1], dtype=compute_dtype(x))
         start = 0
         for e, size in enumerate(dispatch.group_sizes):
             if size == 0:
@@ -322,9 +333,8 @@ class _Blocks:
 
     def padded(self, t: Tensor) -> Tensor:
         """One block's rows ``t`` followed by zero rows up to ``padded_rows`` (when padding: NOTE 6)."""
-        if not self.pad:
-            return t
-        return F.pad(t, (0, 0, 0, padded_rows(t.shape[0]) - t.shape[0]))
+        extra = padded_rows(t.shape[0]) - t.shape[0] if self.pad else 0
+        return F.pad(t, (0, 0, 0, extra)) if extra else t
 
     @cached_property
     def expert_of_row(self) -> Tensor:
@@ -398,9 +408,8 @@ class GroupedExpertsFunction(torch.autograd.Function):
         # Under autocast, compute in the autocast dtype explicitly (backward runs outside autocast).
         # Each block casts only its own experts' weights: a decode step uses a few of them.
         ctx.dtypes = (x.dtype, weights.dtype, in_proj.dtype, None if in_bias is None else in_bias.dtype)
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        with torch.autocast(device, enabled=False):
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
             return GroupedExpertsFunction._forward(
                 ctx, x.to(dtype), weights.to(dtype), token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated,
                 activation,
