@@ -433,23 +433,23 @@ class GroupedExpertsFunction(torch.autograd.Function):
             y = plan.linear(a, w_out, b_out)  # (n', D_out)
             out.index_add_(0, token_idx[rows], y[:n] * weights[rows, None])
             saved.append((xs, h, act_gate, a, y, w_in, w_out))
-        ctx.save_for_backward(weights, token_idx)
+        ctx.save_for_backward(weights, token_idx, in_proj, out_proj)
         ctx.blocks, ctx.plan = saved, plan
-        ctx.meta = (activation, in_proj.shape, None if in_bias is None else in_bias.shape, out_proj.shape,
-                    None if out_bias is None else out_bias.shape, x.shape)
+        ctx.meta = (activation, in_bias is not None, out_bias is not None, x.shape)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        weights, token_idx = ctx.saved_tensors
-        activation, in_shape, in_bias_shape, out_shape, out_bias_shape, x_shape = ctx.meta
+        weights, token_idx, in_proj, out_proj = ctx.saved_tensors
+        activation, has_in_bias, has_out_bias, x_shape = ctx.meta
         plan, act_backward = ctx.plan, EXPERT_ACTIVATIONS[activation][1]
         need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_out.new_zeros(x_shape) if need_x else None
         grad_weights = weights.new_zeros(weights.shape) if need_weights else None
-        grad_in_proj, grad_out_proj = grad_out.new_empty(in_shape), grad_out.new_empty(out_shape)
-        grad_in_bias = None if in_bias_shape is None else grad_out.new_empty(in_bias_shape)
-        grad_out_bias = None if out_bias_shape is None else grad_out.new_empty(out_bias_shape)
+        # Gradients in the compute dtype (the parameters' own dtype may differ under autocast).
+        grad_in_proj, grad_out_proj = grad_out.new_empty(in_proj.shape), grad_out.new_empty(out_proj.shape)
+        grad_in_bias = grad_out.new_empty(in_proj.shape[:2]) if has_in_bias else None
+        grad_out_bias = grad_out.new_empty(out_proj.shape[:2]) if has_out_bias else None
         for (rows, experts), (xs, h, act_gate, a, y, w_in, w_out) in zip(plan.blocks, ctx.blocks):
             n = rows.stop - rows.start
             gy = grad_out.index_select(0, token_idx[rows])  # (n, D_out)
