@@ -271,6 +271,26 @@ def test_padded_rows_are_few_sizes_with_little_padding():
     assert len(set(sizes)) == 15 + 8 * 9 + 1  # every size below 16, 8 per power of two from 16 to 8192, 8192
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["blocks", "padded-blocks"])
+def test_grouped_kernel_without_gradient_runs_outside_autograd_and_computes_the_same(monkeypatch, padded):
+    """Decoding (no gradient wanted) skips the autograd function and keeps nothing for a backward;
+    the output is bit for bit the one the training path computes, and a frozen layer fed an
+    input that needs no gradient takes the same path."""
+    monkeypatch.setattr(experts_module, "pads_rows", lambda x: padded)
+    layer = make_layer(num_experts=4, top_k=2)
+    x = torch.randn(3, 16, DIM, dtype=F64)
+    trained = layer(x, 0)
+    assert trained.requires_grad
+    monkeypatch.setattr(GroupedExpertsFunction, "apply", lambda *args: pytest.fail("went through autograd"))
+    with torch.no_grad():
+        decoded = layer(x, 0)
+    assert decoded.grad_fn is None
+    assert torch.equal(decoded, trained.detach())
+    layer.requires_grad_(False)
+    frozen = layer(x, 0)
+    assert frozen.grad_fn is None and torch.equal(frozen, decoded)
+
+
 def test_padding_only_for_reduced_precision_on_cpu():
     assert [experts_module.pads_rows(torch.zeros(2, 2, dtype=dtype)) for dtype in (F64, torch.float32)] == [False] * 2
     assert all(experts_module.pads_rows(torch.zeros(2, 2, dtype=dtype)) for dtype in (torch.bfloat16, torch.float16))

@@ -12,8 +12,10 @@ Notable choices:
   2. Backward is written by hand: each expert's weight gradient lands directly in its slice
      of one preallocated ``[E, ...]`` buffer. Indexing the 3-D weight inside autograd would
      allocate a full-size gradient per expert.
-  3. Each expert gathers its rows (``index_select``) and scatter-adds its weighted output
-     (``index_add_``); the routing weights' gradient is ``<dy, y>``.
+  3. The rows are gathered in expert order once per call (``index_select``) and the weighted
+     outputs scatter-added once (``index_add_``), not per expert; the routing weights' gradient
+     is ``<dy, y>``. Without a gradient to compute (decoding), the kernel runs outside autograd and
+     keeps nothing for a backward.
   4. On CPU the work goes expert by expert (``_Blocks``): each expert's intermediates are a few
      megabytes, stay in cache and are reused by the allocator, where ``(N, H)`` buffers would be
      fresh pages faulted in on every call. Each block's ``x @ W.T`` takes the faster of two forms
@@ -142,12 +144,18 @@ def restore_forms(saved: dict[str, str]) -> None:
     _chosen_forms.update(saved)
 
 
+def forced_form() -> str | None:
+    """The form ``VLMOE_EXPERT_FORM`` forces, if it is set."""
+    forced = os.environ.get(FORM_ENV)
+    if forced and forced not in MATMUL_FORMS:
+        raise ValueError(f"{FORM_ENV}={forced!r} is not one of {list(MATMUL_FORMS)}")
+    return forced or None
+
+
 def expert_form(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> str:
     """The form ``expert_linear`` uses for these operands: forced, cached, or measured now."""
-    forced = os.environ.get(FORM_ENV)
+    forced = forced_form()
     if forced:
-        if forced not in MATMUL_FORMS:
-            raise ValueError(f"{FORM_ENV}={forced!r} is not one of {list(MATMUL_FORMS)}")
         return forced
     key = shape_class(x, weight, bias)
     if key not in _chosen_forms:
@@ -155,9 +163,9 @@ def expert_form(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> str:
     return _chosen_forms[key]
 
 
-def expert_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x @ weight.T (+ bias)`` for one expert's rows, in this shape class's faster form."""
-    return MATMUL_FORMS[expert_form(x, weight, bias)](x, weight, bias)
+def expert_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, form: str | None = None) -> Tensor:
+    """``x @ weight.T (+ bias)`` for one expert's rows, in ``form`` or this shape class's faster one."""
+    return MATMUL_FORMS[form or expert_form(x, weight, bias)](x, weight, bias)
 
 
 def padded_rows(rows: int) -> int:
@@ -266,7 +274,7 @@ class Experts(nn.Module):
         if self.implementation == "loop":
             return self._forward_loop(x, dispatch)
         if self.implementation == "grouped":
-            return GroupedExpertsFunction.apply(
+            return grouped_experts(
                 x, dispatch.weights.to(x.dtype), dispatch.token_idx, dispatch.counts,
                 self.in_proj, self.in_bias, self.out_proj, self.out_bias, self.gated, self.activation,
             )
@@ -322,6 +330,7 @@ class _Blocks:
 
     def __init__(self, counts: Tensor, rows: int, grouped: bool, pad: bool = False):
         self.counts, self.rows, self.pad = counts, rows, pad and not grouped
+        self.form = forced_form()  # read once per call, not per matmul
         if grouped:
             self.offsets = counts.cumsum(0).to(torch.int32)
             self.blocks = [(slice(0, rows), slice(0, counts.shape[0]))]
@@ -345,7 +354,7 @@ class _Blocks:
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """``x @ weight[e].T (+ bias[e])`` for the block's experts; ``weight`` is ``(E_b, out, in)``."""
         if self.offsets is None:
-            return expert_linear(x, weight[0], None if bias is None else bias[0])
+            return expert_linear(x, weight[0], None if bias is None else bias[0], self.form)
         out = F.grouped_mm(x, weight.transpose(1, 2), offs=self.offsets)
         if bias is not None:
             out += bias[self.expert_of_row]
@@ -354,7 +363,7 @@ class _Blocks:
     def input_grad(self, grad: Tensor, weight: Tensor) -> Tensor:
         """``grad @ weight[e]`` for the block's experts."""
         if self.offsets is None:
-            return expert_linear(grad, weight[0].t())
+            return expert_linear(grad, weight[0].t(), form=self.form)
         return F.grouped_mm(grad, weight, offs=self.offsets)
 
     def weight_grad(self, grad: Tensor, inputs: Tensor, buffer: Tensor, experts: slice) -> Tensor:
@@ -400,70 +409,92 @@ def _activate_backward(grad: Tensor, h: Tensor, act_gate: Tensor | None, act_bac
     return torch.cat([act_backward(grad * value, gate), grad * act_gate], dim=-1)
 
 
+def grouped_experts(x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation) -> Tensor:
+    """The grouped kernel: through ``GroupedExpertsFunction`` where a gradient is needed, else
+    straight (decoding: no autograd node, nothing kept for a backward)."""
+    args = (x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation)
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args):
+        return GroupedExpertsFunction.apply(*args)
+    return _in_compute_dtype(x, weights, *args[2:], keep=False)[0]
+
+
+def _in_compute_dtype(x, weights, *args, keep: bool) -> tuple[Tensor, tuple | None]:
+    """``_expert_forward`` in the compute dtype: under autocast, autocast's, applied explicitly (the
+    backward runs outside autocast). Each block casts only its own experts' weights: a decode step
+    uses a few of them."""
+    dtype = compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return _expert_forward(x.to(dtype), weights.to(dtype), *args, keep=keep)
+
+
+def _expert_forward(
+    x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation, keep: bool
+) -> tuple[Tensor, tuple | None]:
+    """Gather -> expert FFNs block by block -> weighted scatter-add. Returns ``(T, D_out)`` and,
+    when ``keep``, what the backward needs."""
+    act = EXPERT_ACTIVATIONS[activation][0]
+    grouped = _grouped_mm_available(x.device) and _grouped_mm_accepts(x, in_proj, out_proj)
+    plan = _Blocks(counts, token_idx.shape[0], grouped, pads_rows(x))
+    x_sorted = x.index_select(0, token_idx)  # (N, D_in): each expert's rows back to back, gathered at once
+    ys, saved = [], []
+    for rows, experts in plan.blocks:
+        w_in, b_in, w_out, b_out = (
+            None if t is None else t[experts].to(x.dtype) for t in (in_proj, in_bias, out_proj, out_bias)
+        )
+        xs = plan.padded(x_sorted[rows])  # (n', D_in), n' >= n (zero rows after n)
+        h = plan.linear(xs, w_in, b_in)  # (n', G*H)
+        a, act_gate = _activate(h, gated, act)  # (n', H)
+        y = plan.linear(a, w_out, b_out)  # (n', D_out)
+        ys.append(y[: rows.stop - rows.start])
+        if keep:
+            saved.append((xs, h, act_gate, a, w_in, w_out))
+    y_sorted = torch.cat(ys) if ys else x.new_zeros(0, out_proj.shape[1])  # (N, D_out)
+    out = x.new_zeros(x.shape[0], out_proj.shape[1]).index_add_(0, token_idx, y_sorted * weights[:, None])
+    return out, (plan, saved, y_sorted) if keep else None
+
+
 class GroupedExpertsFunction(torch.autograd.Function):
-    """Fused gather -> expert FFNs -> weighted scatter-add, block by block, with a hand-written backward."""
+    """``_expert_forward`` with a hand-written backward."""
 
     @staticmethod
     def forward(ctx, x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation):
-        # Under autocast, compute in the autocast dtype explicitly (backward runs outside autocast).
-        # Each block casts only its own experts' weights: a decode step uses a few of them.
         ctx.dtypes = (x.dtype, weights.dtype, in_proj.dtype, None if in_bias is None else in_bias.dtype)
-        dtype = compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return GroupedExpertsFunction._forward(
-                ctx, x.to(dtype), weights.to(dtype), token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated,
-                activation,
-            )
-
-    @staticmethod
-    def _forward(ctx, x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation):
-        act = EXPERT_ACTIVATIONS[activation][0]
-        grouped = _grouped_mm_available(x.device) and _grouped_mm_accepts(x, in_proj, out_proj)
-        plan = _Blocks(counts, token_idx.shape[0], grouped, pads_rows(x))
-        out = x.new_zeros(x.shape[0], out_proj.shape[1])  # (T, D_out)
-        saved = []
-        for rows, experts in plan.blocks:
-            n = rows.stop - rows.start
-            w_in, b_in, w_out, b_out = (
-                None if t is None else t[experts].to(x.dtype) for t in (in_proj, in_bias, out_proj, out_bias)
-            )
-            xs = plan.padded(x.index_select(0, token_idx[rows]))  # (n', D_in), n' >= n (zero rows after n)
-            h = plan.linear(xs, w_in, b_in)  # (n', G*H)
-            a, act_gate = _activate(h, gated, act)  # (n', H)
-            y = plan.linear(a, w_out, b_out)  # (n', D_out)
-            out.index_add_(0, token_idx[rows], y[:n] * weights[rows, None])
-            saved.append((xs, h, act_gate, a, y, w_in, w_out))
-        ctx.save_for_backward(weights, token_idx, in_proj, out_proj)
-        ctx.blocks, ctx.plan = saved, plan
+        out, (plan, blocks, y_sorted) = _in_compute_dtype(
+            x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation, keep=True
+        )
+        ctx.save_for_backward(weights.to(out.dtype), token_idx, in_proj, out_proj, y_sorted)
+        ctx.blocks, ctx.plan = blocks, plan
         ctx.meta = (activation, in_bias is not None, out_bias is not None, x.shape)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        weights, token_idx, in_proj, out_proj = ctx.saved_tensors
+        weights, token_idx, in_proj, out_proj, y_sorted = ctx.saved_tensors
         activation, has_in_bias, has_out_bias, x_shape = ctx.meta
         plan, act_backward = ctx.plan, EXPERT_ACTIVATIONS[activation][1]
         need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = grad_out.new_zeros(x_shape) if need_x else None
-        grad_weights = weights.new_zeros(weights.shape) if need_weights else None
+        gy_sorted = grad_out.index_select(0, token_idx)  # (N, D_out), gathered at once
+        grad_weights = (gy_sorted * y_sorted).sum(-1) if need_weights else None
+        gy_sorted *= weights[:, None]
         # Gradients in the compute dtype (the parameters' own dtype may differ under autocast).
         grad_in_proj, grad_out_proj = grad_out.new_empty(in_proj.shape), grad_out.new_empty(out_proj.shape)
         grad_in_bias = grad_out.new_empty(in_proj.shape[:2]) if has_in_bias else None
         grad_out_bias = grad_out.new_empty(out_proj.shape[:2]) if has_out_bias else None
-        for (rows, experts), (xs, h, act_gate, a, y, w_in, w_out) in zip(plan.blocks, ctx.blocks):
-            n = rows.stop - rows.start
-            gy = grad_out.index_select(0, token_idx[rows])  # (n, D_out)
-            if need_weights:
-                grad_weights[rows] = (gy * y[:n]).sum(-1)
-            gy *= weights[rows, None]
-            gy = plan.padded(gy)  # (n', D_out): its zero rows add nothing below
+        grad_x_sorted = []
+        for (rows, experts), (xs, h, act_gate, a, w_in, w_out) in zip(plan.blocks, ctx.blocks):
+            gy = plan.padded(gy_sorted[rows])  # (n', D_out): its zero rows add nothing below
             grad_out_proj = plan.weight_grad(gy, a, grad_out_proj, experts)
             grad_out_bias = plan.bias_grad(gy, grad_out_bias, experts)
             gh = _activate_backward(plan.input_grad(gy, w_out), h, act_gate, act_backward)  # (n', G*H)
             grad_in_proj = plan.weight_grad(gh, xs, grad_in_proj, experts)
             grad_in_bias = plan.bias_grad(gh, grad_in_bias, experts)
             if need_x:
-                grad_x.index_add_(0, token_idx[rows], plan.input_grad(gh, w_in)[:n])
+                grad_x_sorted.append(plan.input_grad(gh, w_in)[: rows.stop - rows.start])
+        grad_x = None
+        if need_x:
+            grad_x = grad_out.new_zeros(x_shape)
+            if grad_x_sorted:
+                grad_x.index_add_(0, token_idx, torch.cat(grad_x_sorted))
         for grad in (grad_in_proj, grad_out_proj, grad_in_bias, grad_out_bias):
             if grad is not None:
                 plan.zero_idle(grad)

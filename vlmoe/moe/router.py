@@ -125,7 +125,7 @@ class TokenChoiceRouter(Router):
         counts = count(experts, self.num_experts)
         token_idx = order % num_tokens
         weights = weights[order]
-        positions = torch.arange(num_tokens, device=experts.device).repeat(k)
+        positions = torch.arange(k * num_tokens, device=experts.device) % num_tokens  # slot-major, as experts
         dropped = token_idx[:0]
         if self.config.capacity_factor is not None:
             capacity = math.ceil(self.config.capacity_factor * num_tokens * k / self.num_experts)
