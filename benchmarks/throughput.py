@@ -15,7 +15,10 @@ the same machine state.
   half single questions; the demo's batches hold a third captions and two thirds conversations
   of three questions, so its steps are longer).
 - captioning: ``generate`` with the KV cache, greedy, exactly ``--new-tokens`` new tokens
-  (EOS ignored, so both models do the same work), at batch 1 and batch 32.
+  (EOS ignored, so both models do the same work), at batch 1 and batch 32. Then, in runs of their
+  own (hooks around each call cost a little), the time spent inside the decoder's MLP slots, the
+  dense MLP or the MoE layer (``caption_decoder_mlp_ms_batch*``; host time, so on CUDA the
+  launches): what the MoE adds is there.
 
 - ``--dtype``: ``float32``, or ``bfloat16`` autocast (weights and AdamW stay float32); each
   dtype is measured in turn in this process, its models taking turns as above.
@@ -49,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.machine import describe  # noqa: E402
 from data_scripts.make_shapes import draw_scene, make_captions, make_questions, sample_scene  # noqa: E402
 from vlmoe import build_model, train_tokenizer  # noqa: E402
+from vlmoe.model.towers import decoder_layers  # noqa: E402
 from vlmoe.training.config import load_config  # noqa: E402
 from vlmoe.training.optim import build_optimizer  # noqa: E402
 from vlmoe.training.trainer import tokenizer_texts  # noqa: E402
@@ -102,6 +106,25 @@ def rotate(jobs: dict[str, callable], repeats: int, warmup: int, device: torch.d
         for name, job in jobs.items():
             times[name].append(timed(job, device))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def time_inside(modules: list[torch.nn.Module], run) -> float:
+    """Milliseconds ``run()`` spends inside calls of ``modules`` (forward hooks around each call)."""
+    spent, starts = [0.0], []
+
+    def enter(*_):
+        starts.append(time.perf_counter())
+
+    def leave(*_):
+        spent[0] += time.perf_counter() - starts.pop()
+
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return spent[0] * 1000
 
 
 def autocast_for(device: torch.device, dtype: str):
@@ -185,14 +208,21 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: str, tokenize
     for model, _, _ in models.values():
         model.eval()
     for batch_size in (1, 32):
-        caption_ms = rotate({
+        captions = {
             name: caption(m, p, {k: v.to(device) for k, v in p.generation_batch(
                 [image for image, *_ in data[:batch_size]], [p.prompt(None)] * batch_size).items()})
             for name, (m, p, _) in models.items()
-        }, args.repeats, args.warmup, device)
+        }
+        caption_ms = rotate(captions, args.repeats, args.warmup, device)
+        mlps = {name: [layer.mlp for layer in decoder_layers(m.language_model)] for name, (m, _, _) in models.items()}
+        mlp_ms = {name: [] for name in models}
+        for _ in range(args.repeats):
+            for name, run in captions.items():
+                mlp_ms[name].append(time_inside(mlps[name], run))
         for name, ms in caption_ms.items():
             out["models"][name][f"caption_ms_batch{batch_size}"] = round(ms, 2)
             out["models"][name][f"caption_images_per_s_batch{batch_size}"] = round(batch_size * 1000 / ms, 1)
+            out["models"][name][f"caption_decoder_mlp_ms_batch{batch_size}"] = round(statistics.median(mlp_ms[name]), 2)
     moe, dense = out["models"]["moe"], out["models"]["dense"]
     out["moe_vs_dense"] = {key: round(moe[key] / dense[key], 3) for key in moe if key.endswith("_ms") or "_ms_" in key}
     return out

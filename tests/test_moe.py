@@ -227,13 +227,16 @@ def _forms_by_rows(threshold: int):
     return time_form
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 1, 30], ids=["one-chunk", "chunk-per-block", "mixed-chunks"])
 @pytest.mark.parametrize("padded", [False, True], ids=["rows", "padded-rows"])
 @pytest.mark.parametrize("variant", list(EXPERT_VARIANTS))
 @pytest.mark.parametrize("forms", ["rows_first", "weight_first", "mixed", "measured"])
-def test_cpu_block_forms_equal_loop(monkeypatch, variant, forms, padded):
+def test_cpu_block_forms_equal_loop(monkeypatch, variant, forms, padded, chunk_rows):
     """Each form of a CPU block's matmuls, both in one call (the autotune picks per shape class),
     and whatever this machine's timing picks, equal the loop; so do blocks padded with zero rows
-    (as in bf16 on CPU)."""
+    (as in bf16 on CPU), and blocks gathered in chunks of every size (NOTE 3)."""
+    if chunk_rows is not None:
+        monkeypatch.setattr(experts_module, "CHUNK_BYTES", chunk_rows * DIM * 8)  # float64 rows of DIM
     expert_type, bias, out_features = EXPERT_VARIANTS[variant]
     grouped = make_layer(num_experts=4, top_k=2, expert_type=expert_type, bias=bias, out=out_features)
     loop = clone_with(grouped, implementation="loop")
@@ -261,6 +264,18 @@ def test_cpu_block_forms_equal_loop(monkeypatch, variant, forms, padded):
     assert_close(gx_g, gx_l)
     for name in grads_l:
         assert_close(grads_g[name], grads_l[name], msg=name)
+
+
+def test_blocks_are_gathered_in_chunks_within_the_budget():
+    """Consecutive blocks share a chunk while their rows fit the budget; a larger block is a chunk
+    of its own; rows within a chunk count from its start."""
+    counts = torch.tensor([3, 0, 4, 9, 2, 2, 1])
+    plan = experts_module._Blocks(counts, 21, grouped=False, row_bytes=experts_module.CHUNK_BYTES // 8)
+    assert [(rows.start, rows.stop, [(r.start, r.stop, e.start) for r, e in blocks]) for rows, blocks in plan.chunks] == [
+        (0, 7, [(0, 3, 0), (3, 7, 2)]), (7, 16, [(0, 9, 3)]), (16, 21, [(0, 2, 4), (2, 4, 5), (4, 5, 6)]),
+    ]
+    grouped = experts_module._Blocks(counts, 21, grouped=True, row_bytes=experts_module.CHUNK_BYTES // 8)
+    assert [(rows, len(blocks)) for rows, blocks in grouped.chunks] == [(slice(0, 21), 1)]
 
 
 def test_padded_rows_are_few_sizes_with_little_padding():

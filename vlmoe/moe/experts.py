@@ -12,10 +12,11 @@ Notable choices:
   2. Backward is written by hand: each expert's weight gradient lands directly in its slice
      of one preallocated ``[E, ...]`` buffer. Indexing the 3-D weight inside autograd would
      allocate a full-size gradient per expert.
-  3. The rows are gathered in expert order once per call (``index_select``) and the weighted
-     outputs scatter-added once (``index_add_``), not per expert; the routing weights' gradient
-     is ``<dy, y>``. Without a gradient to compute (decoding), the kernel runs outside autograd and
-     keeps nothing for a backward.
+  3. Rows are gathered (``index_select``) and weighted outputs scatter-added (``index_add_``) per
+     chunk of consecutive blocks up to ``CHUNK_BYTES`` of input rows: at decode one gather and one
+     scatter serve every expert, and a large block still gathers alone, right before its matmul.
+     The routing weights' gradient is ``<dy, y>``. Without a gradient to compute (decoding), the
+     kernel runs outside autograd and keeps nothing for a backward.
   4. On CPU the work goes expert by expert (``_Blocks``): each expert's intermediates are a few
      megabytes, stay in cache and are reused by the allocator, where ``(N, H)`` buffers would be
      fresh pages faulted in on every call. Each block's ``x @ W.T`` takes the faster of two forms
@@ -97,6 +98,9 @@ def _weight_first(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 MATMUL_FORMS = {"rows_first": _rows_first, "weight_first": _weight_first}
+# Rows gathered (and scatter-added) at once: consecutive small blocks share one gather, a large block
+# gathers alone, so its rows are still in cache (a quarter of a 1 MB L2) when its matmul reads them.
+CHUNK_BYTES = 256 * 1024
 _chosen_forms: dict[str, str] = {}  # shape class -> form, filled by _autotune
 
 
@@ -325,10 +329,10 @@ class _Blocks:
     are in cache, and every intermediate is one expert's rows (megabytes, reused by the
     allocator; an ``(N, H)`` buffer would be fresh pages to fault in on every call). With
     ``F.grouped_mm`` (CUDA), one block holds every expert, each projection is one launch, and the
-    group sizes never leave the device.
+    group sizes never leave the device. Blocks are walked in ``chunks`` (NOTE 3).
     """
 
-    def __init__(self, counts: Tensor, rows: int, grouped: bool, pad: bool = False):
+    def __init__(self, counts: Tensor, rows: int, grouped: bool, pad: bool = False, row_bytes: int = 0):
         self.counts, self.rows, self.pad = counts, rows, pad and not grouped
         self.form = forced_form()  # read once per call, not per matmul
         if grouped:
@@ -339,6 +343,22 @@ class _Blocks:
             self.sizes = counts.tolist()  # the walk slices on the host: this call's one sync
             starts = itertools.accumulate(self.sizes, initial=0)
             self.blocks = [(slice(s, s + n), slice(e, e + 1)) for e, (s, n) in enumerate(zip(starts, self.sizes)) if n]
+        self.chunks = self._chunks(CHUNK_BYTES // max(row_bytes, 1))
+
+    def _chunks(self, budget: int) -> list[tuple[slice, list[tuple[slice, slice]]]]:
+        """Consecutive blocks grouped while their rows stay within ``budget`` (a block larger than
+        that is a chunk of its own): ``(rows of the chunk, its blocks with rows within it)``."""
+        groups: list[list[tuple[slice, slice]]] = []
+        for block in self.blocks:
+            if groups and block[0].stop - groups[-1][0][0].start <= budget:
+                groups[-1].append(block)
+            else:
+                groups.append([block])
+        chunks = []
+        for group in groups:
+            first = group[0][0].start
+            chunks.append((slice(first, group[-1][0].stop), [(slice(r.start - first, r.stop - first), e) for r, e in group]))
+        return chunks
 
     def padded(self, t: Tensor) -> Tensor:
         """One block's rows ``t`` followed by zero rows up to ``padded_rows`` (when padding: NOTE 6)."""
@@ -430,27 +450,32 @@ def _in_compute_dtype(x, weights, *args, keep: bool) -> tuple[Tensor, tuple | No
 def _expert_forward(
     x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation, keep: bool
 ) -> tuple[Tensor, tuple | None]:
-    """Gather -> expert FFNs block by block -> weighted scatter-add. Returns ``(T, D_out)`` and,
-    when ``keep``, what the backward needs."""
+    """Per chunk: gather -> expert FFNs block by block -> weighted scatter-add. Returns
+    ``(T, D_out)`` and, when ``keep``, what the backward needs."""
     act = EXPERT_ACTIVATIONS[activation][0]
     grouped = _grouped_mm_available(x.device) and _grouped_mm_accepts(x, in_proj, out_proj)
-    plan = _Blocks(counts, token_idx.shape[0], grouped, pads_rows(x))
-    x_sorted = x.index_select(0, token_idx)  # (N, D_in): each expert's rows back to back, gathered at once
-    ys, saved = [], []
-    for rows, experts in plan.blocks:
-        w_in, b_in, w_out, b_out = (
-            None if t is None else t[experts].to(x.dtype) for t in (in_proj, in_bias, out_proj, out_bias)
-        )
-        xs = plan.padded(x_sorted[rows])  # (n', D_in), n' >= n (zero rows after n)
-        h = plan.linear(xs, w_in, b_in)  # (n', G*H)
-        a, act_gate = _activate(h, gated, act)  # (n', H)
-        y = plan.linear(a, w_out, b_out)  # (n', D_out)
-        ys.append(y[: rows.stop - rows.start])
+    plan = _Blocks(counts, token_idx.shape[0], grouped, pads_rows(x), x.shape[1] * x.element_size())
+    out = x.new_zeros(x.shape[0], out_proj.shape[1])  # (T, D_out)
+    saved = []
+    for rows, blocks in plan.chunks:
+        x_chunk = x.index_select(0, token_idx[rows])  # (n_chunk, D_in): its experts' rows back to back
+        ys = []
+        for block_rows, experts in blocks:
+            w_in, b_in, w_out, b_out = (
+                None if t is None else t[experts].to(x.dtype) for t in (in_proj, in_bias, out_proj, out_bias)
+            )
+            xs = plan.padded(x_chunk[block_rows])  # (n', D_in), n' >= n (zero rows after n)
+            h = plan.linear(xs, w_in, b_in)  # (n', G*H)
+            a, act_gate = _activate(h, gated, act)  # (n', H)
+            y = plan.linear(a, w_out, b_out)  # (n', D_out)
+            ys.append(y[: block_rows.stop - block_rows.start])
+            if keep:
+                saved.append((xs, h, act_gate, a, w_in, w_out))
+        y_chunk = torch.cat(ys) if len(ys) > 1 else ys[0]  # (n_chunk, D_out)
+        out.index_add_(0, token_idx[rows], y_chunk * weights[rows, None])
         if keep:
-            saved.append((xs, h, act_gate, a, w_in, w_out))
-    y_sorted = torch.cat(ys) if ys else x.new_zeros(0, out_proj.shape[1])  # (N, D_out)
-    out = x.new_zeros(x.shape[0], out_proj.shape[1]).index_add_(0, token_idx, y_sorted * weights[:, None])
-    return out, (plan, saved, y_sorted) if keep else None
+            saved.append(y_chunk)
+    return out, (plan, saved) if keep else None
 
 
 class GroupedExpertsFunction(torch.autograd.Function):
@@ -459,42 +484,46 @@ class GroupedExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation):
         ctx.dtypes = (x.dtype, weights.dtype, in_proj.dtype, None if in_bias is None else in_bias.dtype)
-        out, (plan, blocks, y_sorted) = _in_compute_dtype(
+        out, (plan, saved) = _in_compute_dtype(
             x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation, keep=True
         )
-        ctx.save_for_backward(weights.to(out.dtype), token_idx, in_proj, out_proj, y_sorted)
-        ctx.blocks, ctx.plan = blocks, plan
+        ctx.save_for_backward(weights.to(out.dtype), token_idx, in_proj, out_proj)
+        ctx.saved, ctx.plan = saved, plan
         ctx.meta = (activation, in_bias is not None, out_bias is not None, x.shape)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        weights, token_idx, in_proj, out_proj, y_sorted = ctx.saved_tensors
+        weights, token_idx, in_proj, out_proj = ctx.saved_tensors
         activation, has_in_bias, has_out_bias, x_shape = ctx.meta
         plan, act_backward = ctx.plan, EXPERT_ACTIVATIONS[activation][1]
         need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gy_sorted = grad_out.index_select(0, token_idx)  # (N, D_out), gathered at once
-        grad_weights = (gy_sorted * y_sorted).sum(-1) if need_weights else None
-        gy_sorted *= weights[:, None]
+        grad_x = grad_out.new_zeros(x_shape) if need_x else None
+        grad_weights = weights.new_empty(weights.shape) if need_weights else None
         # Gradients in the compute dtype (the parameters' own dtype may differ under autocast).
         grad_in_proj, grad_out_proj = grad_out.new_empty(in_proj.shape), grad_out.new_empty(out_proj.shape)
         grad_in_bias = grad_out.new_empty(in_proj.shape[:2]) if has_in_bias else None
         grad_out_bias = grad_out.new_empty(out_proj.shape[:2]) if has_out_bias else None
-        grad_x_sorted = []
-        for (rows, experts), (xs, h, act_gate, a, w_in, w_out) in zip(plan.blocks, ctx.blocks):
-            gy = plan.padded(gy_sorted[rows])  # (n', D_out): its zero rows add nothing below
-            grad_out_proj = plan.weight_grad(gy, a, grad_out_proj, experts)
-            grad_out_bias = plan.bias_grad(gy, grad_out_bias, experts)
-            gh = _activate_backward(plan.input_grad(gy, w_out), h, act_gate, act_backward)  # (n', G*H)
-            grad_in_proj = plan.weight_grad(gh, xs, grad_in_proj, experts)
-            grad_in_bias = plan.bias_grad(gh, grad_in_bias, experts)
+        saved = iter(ctx.saved)
+        for rows, blocks in plan.chunks:
+            block_saved = [next(saved) for _ in blocks]
+            y_chunk = next(saved)
+            gy_chunk = grad_out.index_select(0, token_idx[rows])  # (n_chunk, D_out)
+            if need_weights:
+                grad_weights[rows] = (gy_chunk * y_chunk).sum(-1)
+            gy_chunk *= weights[rows, None]
+            grad_x_chunk = []
+            for (block_rows, experts), (xs, h, act_gate, a, w_in, w_out) in zip(blocks, block_saved):
+                gy = plan.padded(gy_chunk[block_rows])  # (n', D_out): its zero rows add nothing below
+                grad_out_proj = plan.weight_grad(gy, a, grad_out_proj, experts)
+                grad_out_bias = plan.bias_grad(gy, grad_out_bias, experts)
+                gh = _activate_backward(plan.input_grad(gy, w_out), h, act_gate, act_backward)  # (n', G*H)
+                grad_in_proj = plan.weight_grad(gh, xs, grad_in_proj, experts)
+                grad_in_bias = plan.bias_grad(gh, grad_in_bias, experts)
+                if need_x:
+                    grad_x_chunk.append(plan.input_grad(gh, w_in)[: block_rows.stop - block_rows.start])
             if need_x:
-                grad_x_sorted.append(plan.input_grad(gh, w_in)[: rows.stop - rows.start])
-        grad_x = None
-        if need_x:
-            grad_x = grad_out.new_zeros(x_shape)
-            if grad_x_sorted:
-                grad_x.index_add_(0, token_idx, torch.cat(grad_x_sorted))
+                grad_x.index_add_(0, token_idx[rows], torch.cat(grad_x_chunk) if len(grad_x_chunk) > 1 else grad_x_chunk[0])
         for grad in (grad_in_proj, grad_out_proj, grad_in_bias, grad_out_bias):
             if grad is not None:
                 plan.zero_idle(grad)
