@@ -4,6 +4,7 @@
     python benchmarks/moe_layer.py --json                     # a list of {"shape", "impl", "fwd_ms", ...}
     python benchmarks/moe_layer.py --dtype float32 bfloat16   # bf16 figures beside fp32
     python benchmarks/moe_layer.py --allocator glibc --shapes D1 --repeats 3
+    python benchmarks/moe_layer.py --markdown docs/results/moe_layer_cpu_amd_epyc.json   # README table
 
 Every implementation gets the same weights and inputs and is timed in rotation in one process
 (2 threads by default): forward under ``no_grad`` and forward+backward, median over
@@ -198,6 +199,33 @@ def print_table(records: list[dict]) -> None:
     print(json.dumps(summary(records), indent=1))
 
 
+def markdown_table(records: list[dict]) -> str:
+    """The README's table of vlmoe against dense and transformers' best, from saved ``--json`` records."""
+    lines = [
+        "| allocator | dtype | shape | d / ffn / E / k / tokens | vlmoe fwd+bwd ms | / dense | / best hf_* "
+        "| vlmoe fwd ms | / dense | / best hf_* |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by = {(r["allocator"], r["dtype"], r["shape"], r["impl"]): r for r in records}
+    for (allocator, dtype, shape, impl), r in by.items():
+        if impl != "vlmoe":
+            continue
+        hf = [h for (a, t, s, i), h in by.items() if (a, t, s) == (allocator, dtype, shape) and i.startswith("hf_")]
+        cells = [allocator, dtype, shape, " / ".join(map(str, SHAPES[shape]))]
+        for key in ("fwd_bwd_ms", "fwd_ms"):
+            best = min(hf, key=lambda h: h[key])
+            ratio = key.replace("_ms", "_vs_dense")
+            cells += [f"{r[key]:.1f}", f"{r[ratio]:.2f}", f"{r[key] / best[key]:.2f} ({best['impl']})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    means = summary(records)
+    lines.append("")
+    lines.append("Geometric mean of fwd+bwd / dense over S1-S3: " + ", ".join(
+        f"{key.split('/')[0]} {key.split('/')[1]} {value:.2f}"
+        for key, value in means.items() if key.endswith("vlmoe_fwd_bwd_vs_dense_geomean_S")
+    ) + ".")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -210,7 +238,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print the records as JSON")
     parser.add_argument("--in-process", action="store_true",
                         help="measure in this process, under the allocator it started with (what each child runs)")
+    parser.add_argument("--markdown", metavar="JSON", help="print the README table of saved --json records, measure nothing")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown_table(json.loads(Path(args.markdown).read_text())))
+        return
     if args.in_process:
         records = measure(args)
     else:

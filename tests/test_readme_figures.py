@@ -1,0 +1,13 @@
+"""The README's figures are printed from the result files they cite, not copied by hand."""
+
+import json
+from pathlib import Path
+
+from benchmarks.moe_layer import markdown_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_layer_table_is_the_one_its_records_print():
+    records = json.loads((ROOT / "docs/results/moe_layer_cpu_amd_epyc.json").read_text())
+    assert markdown_table(records) in (ROOT / "README.md").read_text()
