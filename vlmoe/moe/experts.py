@@ -46,12 +46,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# name: (activation, backward(grad, x, out) writing the input gradient into ``out``: a gated
+# expert's two halves land in one buffer, with no concatenation)
 EXPERT_ACTIVATIONS = {
-    "silu": (F.silu, torch.ops.aten.silu_backward),
-    "gelu": (F.gelu, lambda grad, x: torch.ops.aten.gelu_backward(grad, x, approximate="none")),
+    "silu": (F.silu, lambda grad, x, out: torch.ops.aten.silu_backward.grad_input(grad, x, grad_input=out)),
+    "gelu": (
+        F.gelu,
+        lambda grad, x, out: torch.ops.aten.gelu_backward.grad_input(grad, x, approximate="none", grad_input=out),
+    ),
     "gelu_tanh": (
         lambda x: F.gelu(x, approximate="tanh"),
-        lambda grad, x: torch.ops.aten.gelu_backward(grad, x, approximate="tanh"),
+        lambda grad, x, out: torch.ops.aten.gelu_backward.grad_input(grad, x, approximate="tanh", grad_input=out),
     ),
 }
 DEFAULT_ACTIVATION = {"swiglu": "silu", "gelu": "gelu"}
@@ -423,10 +428,14 @@ def _activate(h: Tensor, gated: bool, act) -> tuple[Tensor, Tensor | None]:
 
 def _activate_backward(grad: Tensor, h: Tensor, act_gate: Tensor | None, act_backward) -> Tensor:
     """The gradient of ``_activate`` with respect to ``h``."""
+    grad_h = torch.empty_like(h)
     if act_gate is None:
-        return act_backward(grad, h)
+        return act_backward(grad, h, grad_h)
     gate, value = h.chunk(2, dim=-1)
-    return torch.cat([act_backward(grad * value, gate), grad * act_gate], dim=-1)
+    grad_gate, grad_value = grad_h.chunk(2, dim=-1)
+    act_backward(grad * value, gate, grad_gate)
+    torch.mul(grad, act_gate, out=grad_value)
+    return grad_h
 
 
 def grouped_experts(x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation) -> Tensor:
