@@ -30,7 +30,10 @@ the same machine state.
 
 Prints JSON: machine fields, then per dtype, per model ``train_step_ms``,
 ``train_samples_per_s`` (with ``--compile``: ``train_step_ms_compiled`` and the compiled / eager
-ratio), and per batch size ``caption_ms`` and ``caption_images_per_s``, and the MoE / dense ratios.
+ratio), and per batch size ``caption_ms`` and ``caption_images_per_s``; the MoE / dense ratios of
+the medians (``moe_vs_dense``) and the quartiles of the ratio taken within each round
+(``moe_vs_dense_per_round``: the models alternate, so a drift of the machine between rounds
+cancels, and the spread says how far one figure can be trusted).
 """
 
 from __future__ import annotations
@@ -96,8 +99,8 @@ def timed(fn, device: torch.device) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def rotate(jobs: dict[str, callable], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
-    """Median milliseconds of each job, the jobs taking turns."""
+def rotate(jobs: dict[str, callable], repeats: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+    """Milliseconds of each job in each round, the jobs taking turns."""
     for _ in range(warmup):
         for job in jobs.values():
             job()
@@ -105,7 +108,14 @@ def rotate(jobs: dict[str, callable], repeats: int, warmup: int, device: torch.d
     for _ in range(repeats):
         for name, job in jobs.items():
             times[name].append(timed(job, device))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def per_round_ratio(times: dict[str, list[float]]) -> dict[str, float]:
+    """Quartiles of MoE / dense taken within each round: the machine's drift between rounds cancels."""
+    ratios = [moe / dense for moe, dense in zip(times["moe"], times["dense"])]
+    q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"q1": round(q1, 3), "median": round(median, 3), "q3": round(q3, 3)}
 
 
 def time_inside(modules: list[torch.nn.Module], run) -> float:
@@ -195,8 +205,10 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: str, tokenize
         if args.compile:
             copy, _, copy_optimizer = build(MODELS[name], tokenizer, device)
             jobs[f"{name}_compiled"] = train_step(torch.compile(copy.train()), copy_optimizer, batch)
-    train_ms = rotate(jobs, args.repeats, args.warmup, device)
-    out = {"dtype": "float32" if dtype == "float32" else "bfloat16 autocast (float32 weights)", "models": {}}
+    train_times = rotate(jobs, args.repeats, args.warmup, device)
+    train_ms = {name: statistics.median(t) for name, t in train_times.items()}
+    out = {"dtype": "float32" if dtype == "float32" else "bfloat16 autocast (float32 weights)", "models": {},
+           "moe_vs_dense_per_round": {"train_step_ms": per_round_ratio(train_times)}}
     for name in models:
         ms = train_ms[name]
         samples_per_s = round(args.batch_size * 1000 / ms, 1)
@@ -213,7 +225,9 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: str, tokenize
                 [image for image, *_ in data[:batch_size]], [p.prompt(None)] * batch_size).items()})
             for name, (m, p, _) in models.items()
         }
-        caption_ms = rotate(captions, args.repeats, args.warmup, device)
+        caption_times = rotate(captions, args.repeats, args.warmup, device)
+        caption_ms = {name: statistics.median(t) for name, t in caption_times.items()}
+        out["moe_vs_dense_per_round"][f"caption_ms_batch{batch_size}"] = per_round_ratio(caption_times)
         mlps = {name: [layer.mlp for layer in decoder_layers(m.language_model)] for name, (m, _, _) in models.items()}
         mlp_ms = {name: [] for name in models}
         for _ in range(args.repeats):
