@@ -163,18 +163,20 @@ def forced_form() -> str | None:
 
 def expert_form(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> str:
     """The form ``expert_linear`` uses for these operands: forced, cached, or measured now."""
-    forced = forced_form()
-    if forced:
-        return forced
+    return forced_form() or tuned_form(x, weight, bias)
+
+
+def tuned_form(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> str:
+    """This shape class's faster form: cached, or measured now."""
     key = shape_class(x, weight, bias)
     if key not in _chosen_forms:
         _chosen_forms[key] = _autotune(x, weight, bias)
     return _chosen_forms[key]
 
 
-def expert_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, form: str | None = None) -> Tensor:
-    """``x @ weight.T (+ bias)`` for one expert's rows, in ``form`` or this shape class's faster one."""
-    return MATMUL_FORMS[form or expert_form(x, weight, bias)](x, weight, bias)
+def expert_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T (+ bias)`` for one expert's rows, in this shape class's faster form."""
+    return MATMUL_FORMS[expert_form(x, weight, bias)](x, weight, bias)
 
 
 def padded_rows(rows: int) -> int:
@@ -339,7 +341,7 @@ class _Blocks:
 
     def __init__(self, counts: Tensor, rows: int, grouped: bool, pad: bool = False, row_bytes: int = 0):
         self.counts, self.rows, self.pad = counts, rows, pad and not grouped
-        self.form = forced_form()  # read once per call, not per matmul
+        self.forced = forced_form()  # read once per call, not per matmul
         if grouped:
             self.offsets = counts.cumsum(0).to(torch.int32)
             self.blocks = [(slice(0, rows), slice(0, counts.shape[0]))]
@@ -376,10 +378,14 @@ class _Blocks:
         experts = torch.arange(self.counts.shape[0], device=self.counts.device)
         return experts.repeat_interleave(self.counts, output_size=self.rows)
 
+    def _expert_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``expert_linear`` with the forced form read once for the call."""
+        return MATMUL_FORMS[self.forced or tuned_form(x, weight, bias)](x, weight, bias)
+
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """``x @ weight[e].T (+ bias[e])`` for the block's experts; ``weight`` is ``(E_b, out, in)``."""
         if self.offsets is None:
-            return expert_linear(x, weight[0], None if bias is None else bias[0], self.form)
+            return self._expert_linear(x, weight[0], None if bias is None else bias[0])
         out = F.grouped_mm(x, weight.transpose(1, 2), offs=self.offsets)
         if bias is not None:
             out += bias[self.expert_of_row]
@@ -388,7 +394,7 @@ class _Blocks:
     def input_grad(self, grad: Tensor, weight: Tensor) -> Tensor:
         """``grad @ weight[e]`` for the block's experts."""
         if self.offsets is None:
-            return expert_linear(grad, weight[0].t(), form=self.form)
+            return self._expert_linear(grad, weight[0].t(), None)
         return F.grouped_mm(grad, weight, offs=self.offsets)
 
     def weight_grad(self, grad: Tensor, inputs: Tensor, buffer: Tensor, experts: slice) -> Tensor:
@@ -465,10 +471,10 @@ def _expert_forward(
     grouped = _grouped_mm_available(x.device) and _grouped_mm_accepts(x, in_proj, out_proj)
     plan = _Blocks(counts, token_idx.shape[0], grouped, pads_rows(x), x.shape[1] * x.element_size())
     out = x.new_zeros(x.shape[0], out_proj.shape[1])  # (T, D_out)
-    saved = []
+    saved = []  # per chunk: (per block: what its backward needs), the chunk's expert outputs
     for rows, blocks in plan.chunks:
         x_chunk = x.index_select(0, token_idx[rows])  # (n_chunk, D_in): its experts' rows back to back
-        ys = []
+        ys, kept = [], []
         for block_rows, experts in blocks:
             w_in, b_in, w_out, b_out = (
                 None if t is None else t[experts].to(x.dtype) for t in (in_proj, in_bias, out_proj, out_bias)
@@ -479,11 +485,11 @@ def _expert_forward(
             y = plan.linear(a, w_out, b_out)  # (n', D_out)
             ys.append(y[: block_rows.stop - block_rows.start])
             if keep:
-                saved.append((xs, h, act_gate, a, w_in, w_out))
+                kept.append((xs, h, act_gate, a, w_in, w_out))
         y_chunk = torch.cat(ys) if len(ys) > 1 else ys[0]  # (n_chunk, D_out)
         out.index_add_(0, token_idx[rows], y_chunk * weights[rows, None])
         if keep:
-            saved.append(y_chunk)
+            saved.append((kept, y_chunk))
     return out, (plan, saved) if keep else None
 
 
@@ -513,16 +519,13 @@ class GroupedExpertsFunction(torch.autograd.Function):
         grad_in_proj, grad_out_proj = grad_out.new_empty(in_proj.shape), grad_out.new_empty(out_proj.shape)
         grad_in_bias = grad_out.new_empty(in_proj.shape[:2]) if has_in_bias else None
         grad_out_bias = grad_out.new_empty(out_proj.shape[:2]) if has_out_bias else None
-        saved = iter(ctx.saved)
-        for rows, blocks in plan.chunks:
-            block_saved = [next(saved) for _ in blocks]
-            y_chunk = next(saved)
+        for (rows, blocks), (kept, y_chunk) in zip(plan.chunks, ctx.saved):
             gy_chunk = grad_out.index_select(0, token_idx[rows])  # (n_chunk, D_out)
             if need_weights:
                 grad_weights[rows] = (gy_chunk * y_chunk).sum(-1)
             gy_chunk *= weights[rows, None]
             grad_x_chunk = []
-            for (block_rows, experts), (xs, h, act_gate, a, w_in, w_out) in zip(blocks, block_saved):
+            for (block_rows, experts), (xs, h, act_gate, a, w_in, w_out) in zip(blocks, kept):
                 gy = plan.padded(gy_chunk[block_rows])  # (n', D_out): its zero rows add nothing below
                 grad_out_proj = plan.weight_grad(gy, a, grad_out_proj, experts)
                 grad_out_bias = plan.bias_grad(gy, grad_out_bias, experts)
