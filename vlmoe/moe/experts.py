@@ -339,7 +339,7 @@ class _Blocks:
     group sizes never leave the device. Blocks are walked in ``chunks`` (NOTE 3).
     """
 
-    def __init__(self, counts: Tensor, rows: int, grouped: bool, pad: bool = False, row_bytes: int = 0):
+    def __init__(self, counts: Tensor, rows: int, grouped: bool, pad: bool = False, *, row_bytes: int):
         self.counts, self.rows, self.pad = counts, rows, pad and not grouped
         self.forced = forced_form()  # read once per call, not per matmul
         if grouped:
@@ -350,7 +350,7 @@ class _Blocks:
             self.sizes = counts.tolist()  # the walk slices on the host: this call's one sync
             starts = itertools.accumulate(self.sizes, initial=0)
             self.blocks = [(slice(s, s + n), slice(e, e + 1)) for e, (s, n) in enumerate(zip(starts, self.sizes)) if n]
-        self.chunks = self._chunks(CHUNK_BYTES // max(row_bytes, 1))
+        self.chunks = self._chunks(CHUNK_BYTES // row_bytes)  # rows per chunk
 
     def _chunks(self, budget: int) -> list[tuple[slice, list[tuple[slice, slice]]]]:
         """Consecutive blocks grouped while their rows stay within ``budget`` (a block larger than
@@ -469,7 +469,7 @@ def _expert_forward(
     ``(T, D_out)`` and, when ``keep``, what the backward needs."""
     act = EXPERT_ACTIVATIONS[activation][0]
     grouped = _grouped_mm_available(x.device) and _grouped_mm_accepts(x, in_proj, out_proj)
-    plan = _Blocks(counts, token_idx.shape[0], grouped, pads_rows(x), x.shape[1] * x.element_size())
+    plan = _Blocks(counts, token_idx.shape[0], grouped, pads_rows(x), row_bytes=x.shape[1] * x.element_size())
     out = x.new_zeros(x.shape[0], out_proj.shape[1])  # (T, D_out)
     saved = []  # per chunk: (per block: what its backward needs), the chunk's expert outputs
     for rows, blocks in plan.chunks:
