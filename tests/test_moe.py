@@ -24,6 +24,7 @@ from vlmoe.moe import (
 )
 from vlmoe.moe import experts as experts_module
 from vlmoe.moe.experts import GroupedExpertsFunction
+from vlmoe.moe.router import TokenChoiceRouter
 
 F64 = torch.float64
 IMPLEMENTATIONS = ("grouped", "loop")
@@ -205,6 +206,49 @@ def test_grouped_equals_loop_equals_reference(routing, mode, variant):
         assert out_g.dropped.sum() > 0, "capacity_factor=0.5 must drop assignments"
     else:
         assert out_g.dropped.sum() == 0
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("variant", list(EXPERT_VARIANTS))
+def test_one_position_goes_straight_to_its_experts(monkeypatch, variant, mode, capacity_factor, top_k):
+    """Batch-1 decoding: a single position skips the dispatch (no sort, gather or scatter) and
+    computes what the loop computes, gradients included; the statistics, found from the routing
+    when read, are the loop's."""
+    expert_type, bias, out_features = EXPERT_VARIANTS[variant]
+    grouped = make_layer(
+        **MODES[mode], top_k=top_k, capacity_factor=capacity_factor, modality_mode=mode,
+        expert_type=expert_type, bias=bias, out=out_features,
+    )
+    loop = clone_with(grouped, implementation="loop")
+    torch.manual_seed(1)
+    x, modality = torch.randn(1, 1, DIM, dtype=F64), torch.ones(1, 1, dtype=torch.long)
+    grad_out = torch.randn(1, 1, out_features or DIM, dtype=F64)
+    dispatches = []
+    dispatch = TokenChoiceRouter.dispatch
+    monkeypatch.setattr(TokenChoiceRouter, "dispatch", lambda self, r: dispatches.append(self) or dispatch(self, r))
+
+    out_g, gx_g, grads_g = run_layer(grouped, x, modality, grad_out)
+    assert dispatches == []
+    out_l, gx_l, grads_l = run_layer(loop, x, modality, grad_out)
+    assert_close(out_g.hidden_states, out_l.hidden_states)
+    assert_close(gx_g, gx_l)
+    for name in grads_l:
+        assert_close(grads_g[name], grads_l[name], msg=name)
+    for field in ("load", "dropped", "tokens", "load_balance", "entropy", "load_balance_loss"):
+        assert torch.equal(getattr(out_g, field), getattr(out_l, field)), field
+    assert out_g.load.sum() == 1 and out_g.dropped.sum() == 0
+
+
+def test_one_position_under_autocast_computes_in_its_dtype():
+    layer = make_layer(num_experts=4, top_k=2, dtype=torch.float32)
+    loop = clone_with(layer, implementation="loop")
+    x = torch.randn(1, DIM)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        one, reference = layer(x, 1), loop(x, 1)
+    assert one.dtype == reference.dtype == torch.bfloat16
+    assert_close(one.float(), reference.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

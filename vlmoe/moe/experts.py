@@ -291,21 +291,32 @@ class Experts(nn.Module):
             )
         raise ValueError(f"implementation={self.implementation!r} is not one of ['grouped', 'loop']")
 
-    def _forward_loop(self, x: Tensor, dispatch: Dispatch) -> Tensor:
+    def forward_position(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        """One position ``x`` ``(1, D_in)`` through its experts ``indices`` with ``weights`` (both
+        ``(1, k)``), straight: at batch-1 decoding the sort, gather and scatter of a dispatch cost
+        more than the experts' matmuls. Returns ``(1, D_out)``."""
+        ys = torch.cat([self.expert(e, x) for e in indices[0].tolist()])  # (k, D_out)
+        return torch.mm(weights.to(ys.dtype), ys)
+
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        """Expert ``e`` on the rows ``x``, plain autograd (the loop reference)."""
         act = EXPERT_ACTIVATIONS[self.activation][0]
+        h = F.linear(x, self.in_proj[e], None if self.in_bias is None else self.in_bias[e])
+        if self.gated:
+            gate, value = h.chunk(2, dim=-1)
+            h = act(gate) * value
+        else:
+            h = act(h)
+        return F.linear(h, self.out_proj[e], None if self.out_bias is None else self.out_bias[e])
+
+    def _forward_loop(self, x: Tensor, dispatch: Dispatch) -> Tensor:
         out = x.new_zeros(x.shape[0], self.out_proj.shape[1], dtype=compute_dtype(x))
         start = 0
         for e, size in enumerate(dispatch.group_sizes):
             if size == 0:
                 continue
             rows = dispatch.token_idx[start : start + size]
-            h = F.linear(x[rows], self.in_proj[e], None if self.in_bias is None else self.in_bias[e])
-            if self.gated:
-                gate, value = h.chunk(2, dim=-1)
-                h = act(gate) * value
-            else:
-                h = act(h)
-            y = F.linear(h, self.out_proj[e], None if self.out_bias is None else self.out_bias[e])
+            y = self.expert(e, x[rows])
             out = out.index_add(0, rows, y * dispatch.weights[start : start + size, None].to(y.dtype))
             start += size
         return out

@@ -17,6 +17,9 @@ Notable choices:
   the tower (and not at all for a modality given as one int).
 - Host syncs: at most one per layer call on CPU (the per-expert walk reads the group sizes),
   none in the grouped_mm path; counts use ``router.count``, not CUDA's syncing ``bincount``.
+- Batch-1 decoding on CPU: a single position goes straight to its k experts (their ids read on
+  the host, ``Experts.forward_position``): no sort, gather or scatter, about a third of the ops of
+  a dispatch. The routing statistics are then found from the router's output only if read.
 - Aux losses: the Switch load-balancing loss (Fedus et al. 2021, eq. 4, in the top-k form
   transformers' ``load_balancing_loss_func`` uses) computed per modality over the experts the
   modality may use and averaged over the modalities present; the router z-loss
@@ -37,7 +40,7 @@ from torch import Tensor, nn
 
 from .config import MoEConfig
 from .experts import Experts, FeedForward
-from .router import RouterOutput, TokenChoiceRouter, build_router, count
+from .router import Router, RouterOutput, TokenChoiceRouter, build_router, count
 
 # The modality of a position that is not data (padding): it routes nowhere.
 PADDING = -1
@@ -63,14 +66,23 @@ class MoEOutput:
     """
 
     def __init__(
-        self, hidden_states: Tensor, router_out: RouterOutput, modality: Tensor, positions: Tensor,
-        experts: Tensor, dropped: Tensor, config: MoEConfig, token_choice: bool,
+        self, hidden_states: Tensor, router: Router, router_out: RouterOutput, modality: Tensor,
+        assignments: tuple[Tensor, Tensor, Tensor] | None = None,
     ):
+        """``assignments``: the router's ``dispatch`` minus the dispatch itself (position and expert
+        of every assignment, dropped positions); found from ``router_out`` when first read if None."""
         self.hidden_states = hidden_states
         self.router_logits = router_out.logits
         self._probs = router_out.probs
-        self._modality, self._positions, self._experts, self._dropped = modality, positions, experts, dropped
-        self._config, self._token_choice = config, token_choice
+        self._router, self._router_out, self._modality = router, router_out, modality
+        self._given_assignments = assignments
+        self._config, self._token_choice = router.config, isinstance(router, TokenChoiceRouter)
+
+    @cached_property
+    def _assignments(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self._given_assignments is None:
+            return tuple(self._router.dispatch(self._router_out)[1:])
+        return tuple(self._given_assignments)
 
     @cached_property
     def tokens(self) -> Tensor:
@@ -80,7 +92,8 @@ class MoEOutput:
     def _counts(self) -> Tensor:
         """``(M, E)`` assignments before drops."""
         m, e = self._config.num_modalities, self._config.num_experts
-        index = self._modality[self._positions] * e + self._experts
+        positions, experts, _ = self._assignments
+        index = self._modality[positions] * e + experts
         return count(index, m * e).view(m, e).float()
 
     def _per_modality_mean(self, values: Tensor) -> Tensor:
@@ -117,7 +130,7 @@ class MoEOutput:
 
     @cached_property
     def dropped(self) -> Tensor:
-        dropped = count(self._modality[self._dropped], self._config.num_modalities).float()
+        dropped = count(self._modality[self._assignments[2]], self._config.num_modalities).float()
         return dropped / self._counts.sum(-1).clamp(min=1)
 
 
@@ -236,15 +249,23 @@ class MoELayer(nn.Module):
             x = x.index_select(0, data)  # (T_data, D)
         sequences = math.prod(shape[:-2])  # expert choice ranks within each (never padded) sequence
         router_out = self.router(x, modality, sequences)
-        dispatch, positions, experts, dropped = self.router.dispatch(router_out)
-        y = self.experts(x, dispatch)
+        assignments = None  # one position: found from router_out only if statistics are read
+        if self._goes_straight(x):
+            y = self.experts.forward_position(x, router_out.weights, router_out.indices)
+        else:
+            dispatch, *assignments = self.router.dispatch(router_out)
+            y = self.experts(x, dispatch)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         if data is not None:
             y = y.new_zeros(shape[:-1].numel(), y.shape[-1]).index_copy(0, data, y)  # (T, D_out), 0 at padding
         y = self.drop(y).view(*shape[:-1], -1)
+        return MoEOutput(y, self.router, router_out, modality, assignments)
+
+    def _goes_straight(self, x: Tensor) -> bool:
+        """Whether one position goes straight to its experts (CPU batch-1 decoding), without a dispatch."""
         token_choice = isinstance(self.router, TokenChoiceRouter)
-        return MoEOutput(y, router_out, modality, positions, experts, dropped, self.config, token_choice)
+        return x.shape[0] == 1 and x.device.type == "cpu" and token_choice and self.experts.implementation == "grouped"
 
     def _modality(
         self, modality: Tensor | int | None, lead_shape: torch.Size, device: torch.device
