@@ -388,8 +388,47 @@ def test_chosen_forms_are_restored_not_measured_again(monkeypatch):
     monkeypatch.setattr(experts_module, "_time_form", lambda *args: pytest.fail("measured again"))
     experts_module.restore_forms(saved)
     assert experts_module.expert_form(x, weight) == "weight_first"
+    experts_module.restore_forms({"kernel rows=4": "grouped_mm"})  # kernel choices come back too
+    assert experts_module._chosen_forms["kernel rows=4"] == "grouped_mm"
     with pytest.raises(ValueError, match="'fastest'"):
         experts_module.restore_forms({"rows=4": "fastest"})
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without grouped_mm")
+def test_cpu_kernel_is_measured_once_per_kernel_class(monkeypatch):
+    """On CPU each kernel class (assignments rounded up to a power of two) times the walk against
+    grouped_mm once and runs the winner from then on; both equal the loop. A forced matmul form
+    fixes the walk and measures nothing."""
+    monkeypatch.delenv(experts_module.FORM_ENV, raising=False)
+    monkeypatch.setattr(experts_module, "_chosen_forms", {})
+    timed, grouped_calls = [], []
+    monkeypatch.setattr(experts_module, "_time_kernel", lambda kernel, args: timed.append(kernel) or float(
+        (kernel == "grouped_mm") == (args[2].shape[0] > 16)))  # grouped_mm wins up to 16 assignments
+    grouped_mm = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *args, **kw: grouped_calls.append(1) or grouped_mm(*args, **kw))
+    layer = make_layer(dtype=torch.float32, num_experts=4, top_k=2)
+    loop = clone_with(layer, implementation="loop")
+    for positions, kernel in ((6, "grouped_mm"), (5, "grouped_mm"), (40, "walk"), (8, "grouped_mm")):
+        grouped_calls.clear()
+        x = torch.randn(positions, DIM)
+        grad_out = torch.randn(positions, DIM)
+        out, gx, grads = run_layer(layer, x, 0, grad_out)
+        out_l, gx_l, grads_l = run_layer(loop, x, 0, grad_out)
+        assert bool(grouped_calls) == (kernel == "grouped_mm"), positions
+        assert_close(out.hidden_states, out_l.hidden_states, atol=1e-5, rtol=1e-5)
+        assert_close(gx, gx_l, atol=1e-5, rtol=1e-5)
+        for name in grads_l:
+            assert_close(grads[name], grads_l[name], atol=1e-5, rtol=1e-5, msg=name)
+    kernels = {key.split()[1]: kernel for key, kernel in experts_module._chosen_forms.items() if key.startswith("kernel")}
+    assert kernels == {"rows=16": "grouped_mm", "rows=128": "walk"}  # 2 x 6 and 2 x 5 assignments share a class
+    assert len(timed) == 2 * 2 * 4  # two classes, two kernels, a warm-up and three rounds each
+
+    monkeypatch.setenv(experts_module.FORM_ENV, "rows_first")
+    monkeypatch.setattr(experts_module, "_chosen_forms", {})
+    monkeypatch.setattr(experts_module, "_time_kernel", lambda *args: pytest.fail("measured with a forced form"))
+    grouped_calls.clear()
+    layer(torch.randn(6, DIM), 0)
+    assert not grouped_calls
 
 
 def test_forced_form_must_exist(monkeypatch):
@@ -436,12 +475,12 @@ def test_grouped_backward_gradcheck(expert_type):
 )
 @pytest.mark.parametrize("expert_type", ["swiglu", "gelu"])
 def test_grouped_mm_branch_equals_loop(monkeypatch, expert_type, dtype, dim, hidden):
-    """The ``F.grouped_mm`` branch (taken on CUDA), run on CPU where torch has it too.
+    """The ``F.grouped_mm`` branch (taken on CUDA, and on CPU where it measures faster than the walk).
 
-    torch's grouped_mm validates its inputs the same way on every device, so this is what a
+    torch's grouped_mm validates its inputs the same way on every device, so this is also what a
     CUDA run of the layer does, minus the kernel.
     """
-    monkeypatch.setattr(experts_module, "_grouped_mm_available", lambda device: True)
+    monkeypatch.setattr(experts_module, "_cpu_kernel", lambda *args: "grouped_mm")
     grouped = make_layer(dtype=dtype, dim=dim, hidden=hidden, num_experts=4, top_k=2, expert_type=expert_type)
     loop = clone_with(grouped, implementation="loop")
     torch.manual_seed(1)
@@ -1153,7 +1192,7 @@ def test_host_syncs_per_tower_forward(monkeypatch, blocks, padded):
     if blocks == "grouped_mm":
         if not hasattr(F, "grouped_mm"):
             pytest.skip("torch without grouped_mm")
-        monkeypatch.setattr(experts_module, "_grouped_mm_available", lambda device: True)
+        monkeypatch.setattr(experts_module, "_cpu_kernel", lambda *args: "grouped_mm")
     layers = [make_layer(dtype=torch.float32, num_experts=4, top_k=2, modality_mode="per_modality", seed=i)
               for i in range(3)]
     tower = nn.Sequential(*layers)

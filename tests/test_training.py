@@ -112,18 +112,22 @@ def test_resume_is_exact_when_randomness_runs(shapes, tmp_path, extra):
 
 
 def test_resume_keeps_the_autotuned_expert_forms(shapes, tmp_path, monkeypatch):
-    """The two matmul forms of an expert block round differently; a resumed process that measured
-    anew could pick the other one. The checkpoint keeps each process's choices."""
+    """The two matmul forms of an expert block, and the two CPU kernels, round differently; a resumed
+    process that measured anew could pick the others. The checkpoint keeps each process's choices."""
     from vlmoe.moe import experts
+
+    def prefer(form: str, kernel: str) -> None:
+        monkeypatch.setattr(experts, "_time_form", lambda choice, *args: float(choice != form))
+        monkeypatch.setattr(experts, "_time_kernel", lambda choice, *args: float(choice != kernel))
 
     monkeypatch.delenv(experts.FORM_ENV, raising=False)
     monkeypatch.setattr(experts, "_chosen_forms", {})
-    monkeypatch.setattr(experts, "_time_form", lambda form, *args: 0.0 if form == "weight_first" else 1.0)
+    prefer("weight_first", "walk")
     small = ["data.batch_size=1"]  # blocks of a few rows, where the two forms round differently
     run_dir, expected = interrupted_run(shapes, tmp_path, *small)
-    assert set(experts.chosen_forms().values()) == {"weight_first"}
-    monkeypatch.setattr(experts, "_chosen_forms", {})  # a new process, where the other form measures faster
-    monkeypatch.setattr(experts, "_time_form", lambda form, *args: 0.0 if form == "rows_first" else 1.0)
+    assert set(experts.chosen_forms().values()) == {"weight_first", "walk"}
+    monkeypatch.setattr(experts, "_chosen_forms", {})  # a new process, where the others measure faster
+    prefer("rows_first", "grouped_mm")
     train_in_process(shapes, str(tmp_path), "run", "train.steps=6", "train.checkpoint_every=3", *small, "--resume", "auto")
     assert losses(run_dir) == expected  # every step, bit for bit
 

@@ -23,7 +23,8 @@ Notable choices:
      (``x @ W.T`` or ``(W @ x.T).T``), measured once per process and shape class
      (``expert_linear``): which one wins depends on the BLAS, the CPU, the dtype and the rows. On
      CUDA, ``torch.nn.functional.grouped_mm`` (where the installed torch has it) runs each
-     projection for all experts in one launch, with the group offsets on the device.
+     projection for all experts in one launch, with the group offsets on the device; on CPU it
+     does where it measured faster than the walk (few rows per expert: decoding; ``KERNELS``).
   5. The group sizes stay on the device (``Dispatch.counts``); only the per-expert CPU walk and
      the loop read them on the host (one sync per call), the grouped_mm path never does.
   6. In bf16/fp16 on CPU, oneDNN generates a matmul kernel for every new shape (1-2 ms each) and
@@ -106,7 +107,13 @@ MATMUL_FORMS = {"rows_first": _rows_first, "weight_first": _weight_first}
 # Rows gathered (and scatter-added) at once: consecutive small blocks share one gather, a large block
 # gathers alone, so its rows are still in cache (a quarter of a 1 MB L2) when its matmul reads them.
 CHUNK_BYTES = 256 * 1024
-_chosen_forms: dict[str, str] = {}  # shape class -> form, filled by _autotune
+_chosen_forms: dict[str, str] = {}  # shape or kernel class -> form or kernel, filled by _tuned
+# A CPU call's kernel: the per-expert walk (NOTE 4) or ``F.grouped_mm``, one call per projection for
+# every expert. With few rows per expert the walk's per-block ops dominate and grouped_mm wins; with
+# many, the walk's cache reuse does (fp32 on one AMD EPYC Zen 3: grouped_mm 1.3-1.9x faster up to
+# 128 assignments, slower from 512). Measured once per process and kernel class, kept with the forms;
+# a forced form (``VLMOE_EXPERT_FORM``) also fixes the walk, so that nothing is measured.
+KERNELS = ("walk", "grouped_mm")
 
 
 def shape_class(x: Tensor, weight: Tensor, bias: Tensor | None) -> str:
@@ -131,13 +138,20 @@ def _time_form(form: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> flo
     return time.perf_counter() - start
 
 
-def _autotune(x: Tensor, weight: Tensor, bias: Tensor | None, rounds: int = 3) -> str:
-    """The form with the lowest best-of-``rounds`` time on these operands (after one warm-up each)."""
-    best = {form: math.inf for form in MATMUL_FORMS}
-    for _ in range(rounds + 1):  # the forms take turns, so both see the same machine state
-        for form in MATMUL_FORMS:
-            best[form] = min(best[form], _time_form(form, x, weight, bias))
+def _autotune(time_choice, choices, rounds: int = 3) -> str:
+    """The choice with the lowest best-of-``rounds`` ``time_choice(choice)`` (after one warm-up each)."""
+    best = dict.fromkeys(choices, math.inf)
+    for _ in range(rounds + 1):  # the choices take turns, so all see the same machine state
+        for choice in best:
+            best[choice] = min(best[choice], time_choice(choice))
     return min(best, key=best.get)
+
+
+def _tuned(key: str, time_choice, choices) -> str:
+    """The cached choice for ``key``, or one measured now (``_autotune``) and cached."""
+    if key not in _chosen_forms:
+        _chosen_forms[key] = _autotune(time_choice, choices)
+    return _chosen_forms[key]
 
 
 def chosen_forms() -> dict[str, str]:
@@ -147,9 +161,10 @@ def chosen_forms() -> dict[str, str]:
 
 def restore_forms(saved: dict[str, str]) -> None:
     """Take back the choices of ``chosen_forms()`` (the same process's, before a resume)."""
-    unknown = sorted(set(saved.values()) - set(MATMUL_FORMS))
+    known = [*MATMUL_FORMS, *KERNELS]
+    unknown = sorted(set(saved.values()) - set(known))
     if unknown:
-        raise ValueError(f"saved expert matmul forms {unknown} are not among {list(MATMUL_FORMS)}")
+        raise ValueError(f"saved expert matmul forms {unknown} are not among {known}")
     _chosen_forms.update(saved)
 
 
@@ -168,10 +183,7 @@ def expert_form(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> str:
 
 def tuned_form(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> str:
     """This shape class's faster form: cached, or measured now."""
-    key = shape_class(x, weight, bias)
-    if key not in _chosen_forms:
-        _chosen_forms[key] = _autotune(x, weight, bias)
-    return _chosen_forms[key]
+    return _tuned(shape_class(x, weight, bias), lambda form: _time_form(form, x, weight, bias), MATMUL_FORMS)
 
 
 def expert_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -329,8 +341,36 @@ class Experts(nn.Module):
         )
 
 
-def _grouped_mm_available(device: torch.device) -> bool:
-    return device.type == "cuda" and hasattr(F, "grouped_mm")
+def _uses_grouped_mm(x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation) -> bool:
+    """Whether this call runs on ``F.grouped_mm``: where torch has it and takes the operands, always
+    on CUDA, on CPU where it measured faster than the walk for this kernel class."""
+    if not (hasattr(F, "grouped_mm") and _grouped_mm_accepts(x, in_proj, out_proj)):
+        return False
+    if x.device.type != "cpu":
+        return x.device.type == "cuda"
+    return _cpu_kernel(x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation) == "grouped_mm"
+
+
+def _cpu_kernel(*args) -> str:
+    """This kernel class's faster CPU kernel (``KERNELS``): cached, or measured now. The walk when a
+    form is forced, so that a forced run measures nothing."""
+    if forced_form():
+        return "walk"
+    x, _, token_idx, _, in_proj, _, out_proj, *_ = args
+    return _tuned(kernel_class(x, token_idx, in_proj, out_proj), lambda kernel: _time_kernel(kernel, args), KERNELS)
+
+
+def kernel_class(x: Tensor, token_idx: Tensor, in_proj: Tensor, out_proj: Tensor) -> str:
+    """Calls that share a kernel: assignments rounded up to a power of two, the experts' shapes."""
+    rows = 1 << max(token_idx.shape[0] - 1, 0).bit_length()
+    shapes = "x".join(map(str, in_proj.shape)) + "," + "x".join(map(str, out_proj.shape))
+    return f"kernel rows={rows} experts={shapes} {x.dtype} {x.device.type}"
+
+
+def _time_kernel(kernel: str, args: tuple) -> float:
+    start = time.perf_counter()
+    _expert_forward(*args, grouped=kernel == "grouped_mm", keep=False)
+    return time.perf_counter() - start
 
 
 def _grouped_mm_accepts(x: Tensor, *weights: Tensor) -> bool:
@@ -470,16 +510,17 @@ def _in_compute_dtype(x, weights, *args, keep: bool) -> tuple[Tensor, tuple | No
     uses a few of them."""
     dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        return _expert_forward(x.to(dtype), weights.to(dtype), *args, keep=keep)
+        x, weights = x.to(dtype), weights.to(dtype)
+        return _expert_forward(x, weights, *args, grouped=_uses_grouped_mm(x, weights, *args), keep=keep)
 
 
 def _expert_forward(
-    x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation, keep: bool
+    x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation, *, grouped: bool, keep: bool
 ) -> tuple[Tensor, tuple | None]:
-    """Per chunk: gather -> expert FFNs block by block -> weighted scatter-add. Returns
-    ``(T, D_out)`` and, when ``keep``, what the backward needs."""
+    """Per chunk: gather -> expert FFNs block by block (``grouped``: one block of every expert, on
+    ``F.grouped_mm``) -> weighted scatter-add. Returns ``(T, D_out)`` and, when ``keep``, what the
+    backward needs."""
     act = EXPERT_ACTIVATIONS[activation][0]
-    grouped = _grouped_mm_available(x.device) and _grouped_mm_accepts(x, in_proj, out_proj)
     plan = _Blocks(counts, token_idx.shape[0], grouped, pads_rows(x), row_bytes=x.shape[1] * x.element_size())
     out = x.new_zeros(x.shape[0], out_proj.shape[1])  # (T, D_out)
     saved = []  # per chunk: (per block: what its backward needs), the chunk's expert outputs

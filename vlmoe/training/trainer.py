@@ -82,7 +82,7 @@ class TrainerState:
     history: dict[str, Any] = field(default_factory=dict)
     data_positions: list[dict[str, Any]] | None = None  # per process: its training stream's position
     skipped: dict[str, int] = field(default_factory=dict)  # training samples skipped before, per reason
-    expert_forms: list[dict[str, str]] | None = None  # per process: its autotuned expert matmul forms
+    expert_forms: list[dict[str, str]] | None = None  # per process: its autotuned expert matmul forms and CPU kernels
 
 
 def start_checkpoint(run_dir: str, resume: str | None, overwrite: bool) -> str | None:
