@@ -45,6 +45,12 @@ def cpu_model() -> str:
     return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
+def cpu_family_model() -> str | None:
+    """x86 ``family/model`` (e.g. ``25/1``): what tells apart two CPUs of one model name."""
+    family, model = _cpuinfo_field("cpu family"), _cpuinfo_field("model")
+    return f"{family}/{model}" if family and model else None
+
+
 def isa_flags() -> list[str]:
     """The matmul-relevant instruction sets this CPU reports (x86 Linux; empty elsewhere)."""
     flags = set((_cpuinfo_field("flags") or "").split())
@@ -70,7 +76,8 @@ def current_allocator() -> str:
 def describe(threads: int) -> dict:
     """The fields every record carries about where it was measured."""
     return {
-        "allocator": current_allocator(), "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "isa": isa_flags(),
+        "allocator": current_allocator(), "cpu": cpu_model(), "cpu_family_model": cpu_family_model(),
+        "cpu_cores": os.cpu_count(), "isa": isa_flags(),
         "torch": torch.__version__, "threads": threads,
     }
 
