@@ -18,8 +18,9 @@ Notable choices:
 - Host syncs: at most one per layer call on CPU (the per-expert walk reads the group sizes),
   none in the grouped_mm path; counts use ``router.count``, not CUDA's syncing ``bincount``.
 - Batch-1 decoding on CPU: a single position goes straight to its k experts (their ids read on
-  the host, ``Experts.forward_position``): no sort, gather or scatter, about a third of the ops of
-  a dispatch. The routing statistics are then found from the router's output only if read.
+  the host, ``Experts.forward_position``): no sort, gather or scatter; the layer call runs about
+  half the ops (36 against 68 at top-2). The routing statistics are then found from the router's
+  output only if read.
 - Aux losses: the Switch load-balancing loss (Fedus et al. 2021, eq. 4, in the top-k form
   transformers' ``load_balancing_loss_func`` uses) computed per modality over the experts the
   modality may use and averaged over the modalities present; the router z-loss
@@ -80,9 +81,7 @@ class MoEOutput:
 
     @cached_property
     def _assignments(self) -> tuple[Tensor, Tensor, Tensor]:
-        if self._given_assignments is None:
-            return tuple(self._router.dispatch(self._router_out)[1:])
-        return tuple(self._given_assignments)
+        return self._given_assignments or self._router.dispatch(self._router_out)[1:]
 
     @cached_property
     def tokens(self) -> Tensor:
@@ -253,7 +252,8 @@ class MoELayer(nn.Module):
         if self._goes_straight(x):
             y = self.experts.forward_position(x, router_out.weights, router_out.indices)
         else:
-            dispatch, *assignments = self.router.dispatch(router_out)
+            dispatch, positions, experts, dropped = self.router.dispatch(router_out)
+            assignments = (positions, experts, dropped)
             y = self.experts(x, dispatch)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
