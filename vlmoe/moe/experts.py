@@ -116,11 +116,15 @@ _chosen_forms: dict[str, str] = {}  # shape or kernel class -> form or kernel, f
 KERNELS = ("walk", "grouped_mm")
 
 
+def rows_class(rows: int) -> int:
+    """``rows`` rounded up to a power of two: the rows part of a shape or kernel class."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
 def shape_class(x: Tensor, weight: Tensor, bias: Tensor | None) -> str:
     """Calls that share a form: rows rounded up to a power of two, the weight's shape and layout
     (a string: the choices go into checkpoints as JSON)."""
-    rows = 1 << max(x.shape[0] - 1, 0).bit_length()
-    return _shape_class_name(rows, weight.shape, weight.stride(), bias is not None, x.dtype, x.device.type)
+    return _shape_class_name(rows_class(x.shape[0]), weight.shape, weight.stride(), bias is not None, x.dtype, x.device.type)
 
 
 @functools.lru_cache(maxsize=4096)  # called for every block's matmul: a few classes, named once each
@@ -362,9 +366,8 @@ def _cpu_kernel(*args) -> str:
 
 def kernel_class(x: Tensor, token_idx: Tensor, in_proj: Tensor, out_proj: Tensor) -> str:
     """Calls that share a kernel: assignments rounded up to a power of two, the experts' shapes."""
-    rows = 1 << max(token_idx.shape[0] - 1, 0).bit_length()
     shapes = "x".join(map(str, in_proj.shape)) + "," + "x".join(map(str, out_proj.shape))
-    return f"kernel rows={rows} experts={shapes} {x.dtype} {x.device.type}"
+    return f"kernel rows={rows_class(token_idx.shape[0])} experts={shapes} {x.dtype} {x.device.type}"
 
 
 def _time_kernel(kernel: str, args: tuple) -> float:
