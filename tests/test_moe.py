@@ -396,38 +396,58 @@ def test_chosen_forms_are_restored_not_measured_again(monkeypatch):
 
 @pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without grouped_mm")
 def test_cpu_kernel_is_measured_once_per_kernel_class(monkeypatch):
-    """On CPU each kernel class (assignments rounded up to a power of two) times the walk against
-    grouped_mm once and runs the winner from then on; both equal the loop. A forced matmul form
-    fixes the walk and measures nothing."""
+    """On CPU each kernel class (assignments and experts touched, each rounded up to a power of two)
+    times the walk against grouped_mm once and runs the winner from then on; both equal the loop. A
+    forced matmul form fixes the walk and measures nothing."""
     monkeypatch.delenv(experts_module.FORM_ENV, raising=False)
     monkeypatch.setattr(experts_module, "_chosen_forms", {})
     timed, grouped_calls = [], []
-    monkeypatch.setattr(experts_module, "_time_kernel", lambda kernel, args: timed.append(kernel) or float(
-        (kernel == "grouped_mm") == (args[2].shape[0] > 16)))  # grouped_mm wins up to 16 assignments
+
+    def time_kernel(kernel, args):  # grouped_mm wins up to 16 assignments unless one expert gets them all
+        timed.append(kernel)
+        token_idx, counts = args[2], args[3]
+        return float((kernel == "grouped_mm") == (token_idx.shape[0] > 16 or int(counts.count_nonzero()) == 1))
+
+    monkeypatch.setattr(experts_module, "_time_kernel", time_kernel)
     grouped_mm = F.grouped_mm
     monkeypatch.setattr(F, "grouped_mm", lambda *args, **kw: grouped_calls.append(1) or grouped_mm(*args, **kw))
-    layer = make_layer(dtype=torch.float32, num_experts=4, top_k=2)
-    loop = clone_with(layer, implementation="loop")
-    for positions, kernel in ((6, "grouped_mm"), (5, "grouped_mm"), (40, "walk"), (8, "grouped_mm")):
+    torch.manual_seed(0)
+    experts = Experts(4, DIM, HIDDEN, dtype=torch.float32)
+    loop = Experts(4, DIM, HIDDEN, implementation="loop", dtype=torch.float32)
+    loop.load_state_dict(experts.state_dict())
+    cases = [  # rows of each expert, the kernel that runs
+        ([3, 3, 3, 3], "grouped_mm"), ([12, 0, 0, 0], "walk"), ([2, 3, 4, 1], "grouped_mm"),
+        ([10, 10, 10, 10], "walk"), ([0, 6, 6, 0], "grouped_mm"), ([0, 0, 9, 0], "walk"),
+    ]
+    for counts, kernel in cases:
         grouped_calls.clear()
-        x = torch.randn(positions, DIM)
-        grad_out = torch.randn(positions, DIM)
-        out, gx, grads = run_layer(layer, x, 0, grad_out)
-        out_l, gx_l, grads_l = run_layer(loop, x, 0, grad_out)
-        assert bool(grouped_calls) == (kernel == "grouped_mm"), positions
-        assert_close(out.hidden_states, out_l.hidden_states, atol=1e-5, rtol=1e-5)
-        assert_close(gx, gx_l, atol=1e-5, rtol=1e-5)
-        for name in grads_l:
-            assert_close(grads[name], grads_l[name], atol=1e-5, rtol=1e-5, msg=name)
-    kernels = {key.split()[1]: kernel for key, kernel in experts_module._chosen_forms.items() if key.startswith("kernel")}
-    assert kernels == {"rows=16": "grouped_mm", "rows=128": "walk"}  # 2 x 6 and 2 x 5 assignments share a class
-    assert len(timed) == 2 * 2 * 4  # two classes, two kernels, a warm-up and three rounds each
+        counts = torch.tensor(counts)
+        n = int(counts.sum())
+        x, weights = torch.randn(8, DIM), torch.rand(n)
+        token_idx, grad_out = torch.randint(0, 8, (n,)), torch.randn(8, DIM)
+        outs = []
+        for module in (experts, loop):
+            module.zero_grad(set_to_none=True)
+            xg, wg = x.clone().requires_grad_(), weights.clone().requires_grad_()
+            y = module(xg, Dispatch(token_idx, wg, counts))
+            (y * grad_out).sum().backward()
+            outs.append((y, xg.grad, wg.grad, *(p.grad for p in module.parameters())))
+        assert bool(grouped_calls) == (kernel == "grouped_mm"), counts
+        for got, expected in zip(*outs):
+            assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    classes = {tuple(key.split()[1:3]): kernel for key, kernel in experts_module._chosen_forms.items()
+               if key.startswith("kernel")}
+    assert classes == {
+        ("rows=16", "touched=4"): "grouped_mm", ("rows=16", "touched=1"): "walk",
+        ("rows=64", "touched=4"): "walk", ("rows=16", "touched=2"): "grouped_mm",
+    }  # 12 and 10 assignments share a class, and so do two calls that touch one expert
+    assert len(timed) == 4 * 2 * 4  # four classes, two kernels, a warm-up and three rounds each
 
     monkeypatch.setenv(experts_module.FORM_ENV, "rows_first")
     monkeypatch.setattr(experts_module, "_chosen_forms", {})
     monkeypatch.setattr(experts_module, "_time_kernel", lambda *args: pytest.fail("measured with a forced form"))
     grouped_calls.clear()
-    layer(torch.randn(6, DIM), 0)
+    experts(torch.randn(8, DIM), Dispatch(torch.arange(6), torch.rand(6), torch.tensor([3, 3, 0, 0])))
     assert not grouped_calls
 
 

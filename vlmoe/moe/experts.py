@@ -26,7 +26,8 @@ Notable choices:
      projection for all experts in one launch, with the group offsets on the device; on CPU it
      does where it measured faster than the walk (few rows per expert: decoding; ``KERNELS``).
   5. The group sizes stay on the device (``Dispatch.counts``); only the per-expert CPU walk and
-     the loop read them on the host (one sync per call), the grouped_mm path never does.
+     the loop read them on the host (one sync per call), the grouped_mm path never does (on CPU,
+     where a host read waits for nothing, the kernel choice counts the experts touched).
   6. In bf16/fp16 on CPU, oneDNN generates a matmul kernel for every new shape (1-2 ms each) and
      an expert's row count changes every call, so each block's rows are padded with zero rows up
      to one of a few sizes (``padded_rows``: under 1/8 more rows) and its kernels are reused.
@@ -360,14 +361,19 @@ def _cpu_kernel(*args) -> str:
     form is forced, so that a forced run measures nothing."""
     if forced_form():
         return "walk"
-    x, _, token_idx, _, in_proj, _, out_proj, *_ = args
-    return _tuned(kernel_class(x, token_idx, in_proj, out_proj), lambda kernel: _time_kernel(kernel, args), KERNELS)
+    x, _, token_idx, counts, in_proj, _, out_proj, *_ = args
+    return _tuned(kernel_class(x, token_idx, counts, in_proj, out_proj), lambda kernel: _time_kernel(kernel, args), KERNELS)
 
 
-def kernel_class(x: Tensor, token_idx: Tensor, in_proj: Tensor, out_proj: Tensor) -> str:
-    """Calls that share a kernel: assignments rounded up to a power of two, the experts' shapes."""
+def kernel_class(x: Tensor, token_idx: Tensor, counts: Tensor, in_proj: Tensor, out_proj: Tensor) -> str:
+    """Calls that share a kernel: assignments and experts that got any (each rounded up to a power of
+    two), the experts' shapes. Both kernels' costs follow the experts touched (their weights, the
+    walk's blocks): at the first step of batched greedy decoding every sequence has the same last
+    token, so two experts get all rows, a call unlike the steps after it. Counting them reads
+    ``counts`` on the host: on CPU there is no device to wait for."""
+    touched = rows_class(int(counts.count_nonzero()))
     shapes = "x".join(map(str, in_proj.shape)) + "," + "x".join(map(str, out_proj.shape))
-    return f"kernel rows={rows_class(token_idx.shape[0])} experts={shapes} {x.dtype} {x.device.type}"
+    return f"kernel rows={rows_class(token_idx.shape[0])} touched={touched} experts={shapes} {x.dtype} {x.device.type}"
 
 
 def _time_kernel(kernel: str, args: tuple) -> float:

@@ -15,8 +15,9 @@ Notable choices:
   (the residual passes them through). The model marks them from the attention mask. Finding
   them reads the mask on the host: ``moe_scope`` does it once per forward for every layer of
   the tower (and not at all for a modality given as one int).
-- Host syncs: at most one per layer call on CPU (the per-expert walk reads the group sizes),
-  none in the grouped_mm path; counts use ``router.count``, not CUDA's syncing ``bincount``.
+- Host syncs: none in the grouped_mm path (CUDA), one per layer call in the per-expert walk (it
+  reads the group sizes); counts use ``router.count``, not CUDA's syncing ``bincount``. On CPU,
+  where a host read waits for nothing, the kernel choice also counts the experts touched.
 - Batch-1 decoding on CPU: a single position goes straight to its k experts (their ids read on
   the host, ``Experts.forward_position``): no sort, gather or scatter; the layer call runs about
   half the ops (36 against 68 at top-2). The routing statistics are then found from the router's
