@@ -28,7 +28,9 @@ the same machine state.
   ``Experts.forward`` is excluded from compilation), and the model's other data-dependent
   steps (padding lookup, image-token count) are graph breaks. Captioning is timed eagerly only.
 
-Prints JSON: machine fields, then per dtype, per model ``train_step_ms``,
+Prints JSON: machine fields, then per dtype, per model its ``parameters``, ``train_step_ms``
+(and the medians of its parts, ``train_forward_ms``, ``train_backward_ms``,
+``train_optimizer_ms``: AdamW's time follows the parameters, all experts', not the active ones),
 ``train_samples_per_s`` (with ``--compile``: ``train_step_ms_compiled`` and the compiled / eager
 ratio), and per batch size ``caption_ms`` and ``caption_images_per_s``; the MoE / dense ratios of
 the medians (``moe_vs_dense``) and the quartiles of the ratio taken within each round
@@ -89,14 +91,17 @@ def training_batch(processor, samples: list[tuple], device: torch.device) -> dic
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def clock(device: torch.device) -> float:
+    """Seconds, after the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock(device)
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1000
+    return (clock(device) - start) * 1000
 
 
 def rotate(jobs: dict[str, callable], repeats: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
@@ -181,13 +186,20 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: str, tokenize
         torch._dynamo.reset()  # a fresh start per dtype: the last dtype's graphs would count against recompile limits
     models = {name: build(path, tokenizer, device) for name, path in MODELS.items()}
 
-    def train_step(model, optimizer, batch):
+    phases = {}  # job -> per call: forward, backward, optimizer milliseconds
+
+    def train_step(model, optimizer, batch, name):
         def step():
+            marks = [clock(device)]
             with autocast:
                 loss = model(**batch).loss
+            marks.append(clock(device))
             loss.backward()
+            marks.append(clock(device))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            marks.append(clock(device))
+            phases.setdefault(name, []).append([(b - a) * 1000 for a, b in zip(marks, marks[1:])])
         return step
 
     def caption(model, processor, batch):
@@ -201,10 +213,10 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: str, tokenize
     for name, (model, processor, optimizer) in models.items():
         model.train()
         batch = training_batch(processor, data[: args.batch_size], device)
-        jobs[name] = train_step(model, optimizer, batch)
+        jobs[name] = train_step(model, optimizer, batch, name)
         if args.compile:
             copy, _, copy_optimizer = build(MODELS[name], tokenizer, device)
-            jobs[f"{name}_compiled"] = train_step(torch.compile(copy.train()), copy_optimizer, batch)
+            jobs[f"{name}_compiled"] = train_step(torch.compile(copy.train()), copy_optimizer, batch, f"{name}_compiled")
     train_times = rotate(jobs, args.repeats, args.warmup, device)
     train_ms = {name: statistics.median(t) for name, t in train_times.items()}
     out = {"dtype": "float32" if dtype == "float32" else "bfloat16 autocast (float32 weights)", "models": {},
@@ -212,7 +224,10 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: str, tokenize
     for name in models:
         ms = train_ms[name]
         samples_per_s = round(args.batch_size * 1000 / ms, 1)
-        out["models"][name] = {"train_step_ms": round(ms, 2), "train_samples_per_s": samples_per_s}
+        parameters = sum(p.numel() for p in models[name][0].parameters())
+        out["models"][name] = {"parameters": parameters, "train_step_ms": round(ms, 2), "train_samples_per_s": samples_per_s}
+        for phase, times in zip(("forward", "backward", "optimizer"), zip(*phases[name][-args.repeats:])):
+            out["models"][name][f"train_{phase}_ms"] = round(statistics.median(times), 2)
         if args.compile:
             compiled = train_ms[f"{name}_compiled"]
             out["models"][name]["train_step_ms_compiled"] = round(compiled, 2)
