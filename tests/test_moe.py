@@ -515,6 +515,33 @@ def test_grouped_mm_branch_equals_loop(monkeypatch, expert_type, dtype, dim, hid
         assert_close(grads_g[name], grads_l[name], **tol, msg=name)
 
 
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without grouped_mm")
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_grouped_mm_branch_gives_idle_experts_zero_gradient(monkeypatch, bias):
+    """Experts that get no rows get exactly zero gradients on the grouped_mm branch. On CPU nothing
+    masks them: torch's CPU grouped_mm writes zeros for an empty group, also where its output
+    lands on memory that held other values (blocks of the gradients' size filled with NaN and
+    freed just before, for the allocator to hand out again)."""
+    monkeypatch.setattr(experts_module, "_cpu_kernel", lambda *args: "grouped_mm")
+    torch.manual_seed(0)
+    experts = Experts(4, DIM, HIDDEN, expert_type="gelu", bias=bias, dtype=torch.float32)
+    loop = Experts(4, DIM, HIDDEN, expert_type="gelu", bias=bias, implementation="loop", dtype=torch.float32)
+    loop.load_state_dict(experts.state_dict())
+    counts = torch.tensor([3, 0, 4, 0])
+    x, weights, token_idx, grad_out = torch.randn(5, DIM), torch.rand(7), torch.randint(0, 5, (7,)), torch.randn(5, DIM)
+    grads = []
+    for module in (experts, loop):
+        module.zero_grad(set_to_none=True)
+        y = module(x, Dispatch(token_idx, weights, counts))
+        for p in module.parameters():
+            torch.full_like(p, float("nan"))
+        (y * grad_out).sum().backward()
+        grads.append({name: p.grad for name, p in module.named_parameters()})
+    for name, grad in grads[0].items():
+        assert torch.equal(grad[[1, 3]], torch.zeros_like(grad[[1, 3]])), name
+        assert_close(grad, grads[1][name], atol=1e-5, rtol=1e-5, msg=name)
+
 # ------------------------------------------------------------- 2. one expert, top-1 == dense
 
 
