@@ -515,7 +515,6 @@ def test_grouped_mm_branch_equals_loop(monkeypatch, expert_type, dtype, dim, hid
         assert_close(grads_g[name], grads_l[name], **tol, msg=name)
 
 
-
 @pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without grouped_mm")
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 def test_grouped_mm_branch_gives_idle_experts_zero_gradient(monkeypatch, bias):
@@ -541,6 +540,7 @@ def test_grouped_mm_branch_gives_idle_experts_zero_gradient(monkeypatch, bias):
     for name, grad in grads[0].items():
         assert torch.equal(grad[[1, 3]], torch.zeros_like(grad[[1, 3]])), name
         assert_close(grad, grads[1][name], atol=1e-5, rtol=1e-5, msg=name)
+
 
 # ------------------------------------------------------------- 2. one expert, top-1 == dense
 
