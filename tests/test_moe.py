@@ -397,8 +397,9 @@ def test_chosen_forms_are_restored_not_measured_again(monkeypatch):
 @pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without grouped_mm")
 def test_cpu_kernel_is_measured_once_per_kernel_class(monkeypatch):
     """On CPU each kernel class (assignments and experts touched, each rounded up to a power of two)
-    times the walk against grouped_mm once and runs the winner from then on; both equal the loop. A
-    forced matmul form fixes the walk and measures nothing."""
+    times the walk against grouped_mm at its first call and runs the winner from then on (until its
+    ``REMEASURE_CALL``-th call: next test); both equal the loop. A forced matmul form fixes the walk
+    and measures nothing."""
     monkeypatch.delenv(experts_module.FORM_ENV, raising=False)
     monkeypatch.setattr(experts_module, "_chosen_forms", {})
     timed, grouped_calls = [], []
@@ -449,6 +450,50 @@ def test_cpu_kernel_is_measured_once_per_kernel_class(monkeypatch):
     grouped_calls.clear()
     experts(torch.randn(8, DIM), Dispatch(torch.arange(6), torch.rand(6), torch.tensor([3, 3, 0, 0])))
     assert not grouped_calls
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without grouped_mm")
+def test_cpu_kernel_is_measured_again_at_its_remeasure_call_and_kept(monkeypatch):
+    """A kernel class runs its first pick until its ``REMEASURE_CALL``-th call, measures again there
+    and keeps that pick for good. ``chosen_forms()`` (what a checkpoint saves) ends the wait: a class
+    measured once keeps its first pick, and so does a class restored from a checkpoint."""
+    monkeypatch.delenv(experts_module.FORM_ENV, raising=False)
+    monkeypatch.setattr(experts_module, "_chosen_forms", {})
+    monkeypatch.setattr(experts_module, "_calls_to_remeasure", {})
+    timed, ran = [], []
+
+    def time_kernel(kernel, args):  # the walk wins the first measurement of a class, grouped_mm later ones
+        first = timed.count((args[2].shape[0], kernel)) < 4  # a warm-up and three rounds
+        timed.append((args[2].shape[0], kernel))
+        return float((kernel == "walk") != first)
+
+    monkeypatch.setattr(experts_module, "_time_kernel", time_kernel)
+    grouped_mm = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *args, **kw: ran.append(1) or grouped_mm(*args, **kw))
+    experts = Experts(4, DIM, HIDDEN, dtype=torch.float32)
+
+    def call(assignments: int) -> str:
+        ran.clear()
+        per_expert = assignments // 4
+        counts = torch.tensor([per_expert] * 4)
+        experts(torch.randn(8, DIM), Dispatch(torch.randint(0, 8, (assignments,)), torch.rand(assignments), counts))
+        return "grouped_mm" if ran else "walk"
+
+    again = experts_module.REMEASURE_CALL
+    assert [call(8) for _ in range(again - 1)] == ["walk"] * (again - 1)
+    assert len(timed) == 2 * 4
+    assert [call(8) for _ in range(3 * again)] == ["grouped_mm"] * 3 * again
+    assert len(timed) == 2 * 2 * 4  # measured at the first call and the REMEASURE_CALL-th, never again
+
+    assert call(16) == "walk"  # another class
+    saved = experts_module.chosen_forms()
+    assert [call(16) for _ in range(2 * again)] == ["walk"] * 2 * again  # saved: no second measurement
+    assert len(timed) == 3 * 2 * 4
+    monkeypatch.setattr(experts_module, "_chosen_forms", {})  # a new process, resumed after one call
+    assert call(16) == "grouped_mm"  # measured, waiting for its second measurement
+    experts_module.restore_forms(saved)
+    monkeypatch.setattr(experts_module, "_time_kernel", lambda *args: pytest.fail("measured a restored class"))
+    assert [call(s) for s in (8, 16) for _ in range(2 * again)] == ["grouped_mm"] * 2 * again + ["walk"] * 2 * again
 
 
 def test_forced_form_must_exist(monkeypatch):

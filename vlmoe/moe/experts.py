@@ -110,11 +110,18 @@ MATMUL_FORMS = {"rows_first": _rows_first, "weight_first": _weight_first}
 CHUNK_BYTES = 256 * 1024
 _chosen_forms: dict[str, str] = {}  # shape or kernel class -> form or kernel, filled by _tuned
 # A CPU call's kernel: the per-expert walk (NOTE 4) or ``F.grouped_mm``, one call per projection for
-# every expert. With few rows per expert the walk's per-block ops dominate and grouped_mm wins; with
-# many, the walk's cache reuse does (fp32 on one AMD EPYC Zen 3: grouped_mm 1.3-1.9x faster up to
-# 128 assignments, slower from 512). Measured once per process and kernel class, kept with the forms;
-# a forced form (``VLMOE_EXPERT_FORM``) also fixes the walk, so that nothing is measured.
+# every expert. Which is faster depends on the rows per expert and on the process's memory: fp32 on
+# one AMD EPYC Zen 3, the layer alone, grouped_mm was 1.3-1.9x faster up to 128 assignments and
+# slower from 512, while inside the tiny model's train step (1088-1880 assignments) its forward
+# took 0.67-0.84 of the walk's. So it is measured per process and kernel class and kept with the forms; a forced form
+# (``VLMOE_EXPERT_FORM``) also fixes the walk, so that nothing is measured. A class is measured at
+# its first call and again at its ``REMEASURE_CALL``-th, whose pick it keeps: at a process's first
+# calls grouped_mm's full-size buffers are fresh memory, and the train step's class picked the walk
+# at its first call in 5 fresh processes of 8 (grouped_mm at the fourth step in 8 of 8; a step is 8
+# calls of that class).
 KERNELS = ("walk", "grouped_mm")
+REMEASURE_CALL = 16
+_calls_to_remeasure: dict[str, int] = {}  # kernel class -> its calls left until it is measured again
 
 
 def rows_class(rows: int) -> int:
@@ -152,15 +159,26 @@ def _autotune(time_choice, choices, rounds: int = 3) -> str:
     return min(best, key=best.get)
 
 
-def _tuned(key: str, time_choice, choices) -> str:
-    """The cached choice for ``key``, or one measured now (``_autotune``) and cached."""
+def _tuned(key: str, time_choice, choices, again_at: int | None = None) -> str:
+    """The cached choice for ``key``, or one measured now (``_autotune``) and cached; with
+    ``again_at``, measured once more at the key's ``again_at``-th call, whose pick stays."""
     if key not in _chosen_forms:
         _chosen_forms[key] = _autotune(time_choice, choices)
+        if again_at:
+            _calls_to_remeasure[key] = again_at - 1
+    elif key in _calls_to_remeasure:
+        _calls_to_remeasure[key] -= 1
+        if not _calls_to_remeasure[key]:
+            del _calls_to_remeasure[key]
+            _chosen_forms[key] = _autotune(time_choice, choices)
     return _chosen_forms[key]
 
 
 def chosen_forms() -> dict[str, str]:
-    """This process's choices so far (a checkpoint keeps them)."""
+    """This process's choices so far (a checkpoint keeps them). A kernel class still waiting for its
+    second measurement keeps its first pick from now on: this process and a run resumed from the
+    checkpoint go on with the same kernel."""
+    _calls_to_remeasure.clear()
     return dict(_chosen_forms)
 
 
@@ -171,6 +189,8 @@ def restore_forms(saved: dict[str, str]) -> None:
     if unknown:
         raise ValueError(f"saved expert matmul forms {unknown} are not among {known}")
     _chosen_forms.update(saved)
+    for key in saved:
+        _calls_to_remeasure.pop(key, None)
 
 
 def forced_form() -> str | None:
@@ -357,12 +377,14 @@ def _uses_grouped_mm(x, weights, token_idx, counts, in_proj, in_bias, out_proj, 
 
 
 def _cpu_kernel(*args) -> str:
-    """This kernel class's faster CPU kernel (``KERNELS``): cached, or measured now. The walk when a
-    form is forced, so that a forced run measures nothing."""
+    """This kernel class's faster CPU kernel (``KERNELS``): cached, or measured now (at the class's
+    first call and its ``REMEASURE_CALL``-th). The walk when a form is forced, so that a forced run
+    measures nothing."""
     if forced_form():
         return "walk"
     x, _, token_idx, counts, in_proj, _, out_proj, *_ = args
-    return _tuned(kernel_class(x, token_idx, counts, in_proj, out_proj), lambda kernel: _time_kernel(kernel, args), KERNELS)
+    key = kernel_class(x, token_idx, counts, in_proj, out_proj)
+    return _tuned(key, lambda kernel: _time_kernel(kernel, args), KERNELS, again_at=REMEASURE_CALL)
 
 
 def kernel_class(x: Tensor, token_idx: Tensor, counts: Tensor, in_proj: Tensor, out_proj: Tensor) -> str:
