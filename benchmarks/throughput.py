@@ -35,7 +35,8 @@ Prints JSON: machine fields, then per dtype, per model its ``parameters``, ``tra
 ratio), and per batch size ``caption_ms`` and ``caption_images_per_s``; the MoE / dense ratios of
 the medians (``moe_vs_dense``) and the quartiles of the ratio taken within each round
 (``moe_vs_dense_per_round``: the models alternate, so a drift of the machine between rounds
-cancels, and the spread says how far one figure can be trusted).
+cancels, and the spread says how far one figure can be trusted); on CPU, the expert kernel each
+kernel class kept (``cpu_kernels``; the walk or grouped_mm change a MoE figure by up to a tenth).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from benchmarks.machine import describe  # noqa: E402
 from data_scripts.make_shapes import draw_scene, make_captions, make_questions, sample_scene  # noqa: E402
 from vlmoe import build_model, train_tokenizer  # noqa: E402
 from vlmoe.model.towers import decoder_layers  # noqa: E402
+from vlmoe.moe.experts import chosen_forms  # noqa: E402
 from vlmoe.training.config import load_config  # noqa: E402
 from vlmoe.training.optim import build_optimizer  # noqa: E402
 from vlmoe.training.trainer import tokenizer_texts  # noqa: E402
@@ -256,6 +258,8 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: str, tokenize
             out["models"][name][f"caption_decoder_mlp_ms_batch{batch_size}"] = round(statistics.median(mlp_ms[name]), 2)
     moe, dense = out["models"]["moe"], out["models"]["dense"]
     out["moe_vs_dense"] = {key: round(moe[key] / dense[key], 3) for key in moe if key.endswith("_ms") or "_ms_" in key}
+    if device.type == "cpu":
+        out["cpu_kernels"] = {key: kernel for key, kernel in chosen_forms().items() if key.startswith("kernel ")}
     return out
 
 
