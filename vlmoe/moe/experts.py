@@ -183,7 +183,8 @@ def chosen_forms() -> dict[str, str]:
 
 
 def restore_forms(saved: dict[str, str]) -> None:
-    """Take back the choices of ``chosen_forms()`` (the same process's, before a resume)."""
+    """Take back the choices of ``chosen_forms()`` (the same process's, before a resume); a restored
+    kernel class is not measured again."""
     known = [*MATMUL_FORMS, *KERNELS]
     unknown = sorted(set(saved.values()) - set(known))
     if unknown:
