@@ -113,12 +113,12 @@ _chosen_forms: dict[str, str] = {}  # shape or kernel class -> form or kernel, f
 # every expert. Which is faster depends on the rows per expert and on the process's memory: fp32 on
 # one AMD EPYC Zen 3, the layer alone, grouped_mm was 1.3-1.9x faster up to 128 assignments and
 # slower from 512, while inside the tiny model's train step (1088-1880 assignments) its forward
-# took 0.67-0.84 of the walk's. So it is measured per process and kernel class and kept with the forms; a forced form
-# (``VLMOE_EXPERT_FORM``) also fixes the walk, so that nothing is measured. A class is measured at
-# its first call and again at its ``REMEASURE_CALL``-th, whose pick it keeps: at a process's first
-# calls grouped_mm's full-size buffers are fresh memory, and the train step's class picked the walk
-# at its first call in 5 fresh processes of 8 (grouped_mm at the fourth step in 8 of 8; a step is 8
-# calls of that class).
+# took 0.67-0.84 of the walk's. So it is measured per process and kernel class and kept with the
+# forms; a forced form (``VLMOE_EXPERT_FORM``) also fixes the walk, so that nothing is measured. A
+# class is measured at its first call and again at its ``REMEASURE_CALL``-th, whose pick it keeps:
+# at a process's first calls grouped_mm's full-size buffers are fresh memory, and the train step's
+# class picked the walk at its first call in 5 fresh processes of 8 (grouped_mm at the fourth step
+# in 8 of 8; a step is 8 calls of that class).
 KERNELS = ("walk", "grouped_mm")
 REMEASURE_CALL = 16
 _calls_to_remeasure: dict[str, int] = {}  # kernel class -> its calls left until it is measured again
