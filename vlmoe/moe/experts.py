@@ -24,7 +24,7 @@ Notable choices:
      (``expert_linear``): which one wins depends on the BLAS, the CPU, the dtype and the rows. On
      CUDA, ``torch.nn.functional.grouped_mm`` (where the installed torch has it) runs each
      projection for all experts in one launch, with the group offsets on the device; on CPU it
-     does where it measured faster than the walk (few rows per expert: decoding; ``KERNELS``).
+     does where it measured faster than the walk (``KERNELS``).
   5. The group sizes stay on the device (``Dispatch.counts``); only the per-expert CPU walk and
      the loop read them on the host (one sync per call), the grouped_mm path never does (on CPU,
      where a host read waits for nothing, the kernel choice counts the experts touched).
