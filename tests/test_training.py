@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -21,6 +22,7 @@ import train
 from vlmoe import build_model, train_tokenizer
 from vlmoe.training import load_config
 from vlmoe.training.checkpoint import complete_checkpoints, latest_checkpoint, save_checkpoint
+from vlmoe.training.optim import build_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = [
@@ -347,6 +349,31 @@ def test_decoder_text_config_accepts_what_transformers_knows():
     again = load_config(os.path.join(ROOT, "configs/tiny.yaml"),
                         [f"model.decoder.text_config={json.dumps(resolved.to_diff_dict())}"])
     assert again.model.decoder.transformers_config().to_dict() == resolved.to_dict()
+
+
+def test_fused_adamw_steps_like_the_op_by_op_one():
+    """The default optimizer runs torch's fused AdamW kernel; over the parameter groups (learning-rate
+    multipliers, weight decay or none) its steps equal the op-by-op implementation's."""
+    tokenizer = train_tokenizer(["a small red circle left of a large blue square", "how many shapes?"], vocab_size=300)
+    config = load_config(os.path.join(ROOT, "configs/tiny.yaml"), [*TINY_MODEL, "optim.lr_mult.routers=10"])
+    models, optimizers = [], []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = build_model(config.model.to_vlmoe_config(), tokenizer)[0]
+        models.append(model)
+        optimizers.append(build_optimizer(model, dataclasses.replace(config.optim, fused=fused)))
+    assert [o.defaults["fused"] for o in optimizers] == [True, False]
+    start = [p.detach().clone() for p in models[0].parameters()]
+    for step in range(3):
+        torch.manual_seed(step)
+        grads = [torch.randn_like(p) for p in models[0].parameters()]
+        for model, optimizer in zip(models, optimizers):
+            for param, grad in zip(model.parameters(), grads):
+                param.grad = grad.clone()
+            optimizer.step()
+    for fused, reference, before in zip(models[0].parameters(), models[1].parameters(), start):
+        assert not torch.equal(fused, before)
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("modality_mode", ["shared", "per_modality"])

@@ -164,6 +164,9 @@ class OptimConfig:
             ``experts``, ``routers``); experts and routers win over the tower they sit in.
         freeze: groups whose parameters are not trained.
         min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
+        fused: torch's fused AdamW kernel (CPU, CUDA and the other devices torch lists): one pass
+            per parameter instead of a dozen ops; on a 2-core CPU the tiny models' optimizer step
+            takes a quarter of the time. False for the op-by-op implementation.
     """
 
     lr: float = 1e-3
@@ -174,6 +177,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     lr_mult: dict[str, float] = field(default_factory=dict)
     freeze: list[str] = field(default_factory=list)
+    fused: bool = True
 
     def __post_init__(self) -> None:
         for name in list(self.lr_mult) + list(self.freeze):

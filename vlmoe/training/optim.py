@@ -8,6 +8,8 @@ Notable choices:
 - No weight decay on norms, biases (anything 1-D), routers, and the ViT's position embeddings
   and prefix tokens (timm's ``no_weight_decay()``).
 - Under LoRA (a PEFT-wrapped model) names lose PEFT's prefix and the frozen base is left out.
+- torch's fused AdamW kernel unless ``optim.fused=false``: the default on CPU is a dozen ops per
+  parameter, launched from Python.
 - Warmup then cosine decay to ``lr * min_lr_ratio`` (transformers' schedule).
 """
 
@@ -56,7 +58,7 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
         }
         for (group, decay), params in sorted(buckets.items())
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, fused=config.fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, steps: int):
