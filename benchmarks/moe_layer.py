@@ -15,7 +15,8 @@ kernel allows them) runs in its own child process, since the allocator reads its
 start-up; ratios are taken within one process, never across settings. ``bfloat16`` casts
 weights, inputs and output gradients to bf16 (no autocast; vlmoe's router still computes in
 float32). Every record carries the allocator setting, dtype, CPU model, ISA flags, torch
-version and thread count. ``dense`` is a SwiGLU FFN of hidden width
+version and thread count; on CPU, vlmoe's record also the expert kernel each of its kernel
+classes kept (``cpu_kernels``). ``dense`` is a SwiGLU FFN of hidden width
 ``top_k * ffn``: the same FLOPs per token as the MoE's active experts, the limit a MoE layer
 is measured against. ``hf_<impl>`` is transformers' ``MixtralSparseMoeBlock`` with each experts
 implementation that runs on this device.
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.machine import ALLOCATORS, available_allocators, describe, run_per_allocator  # noqa: E402
 from vlmoe.model.modeling import TEXT  # noqa: E402
 from vlmoe.moe import FeedForward, MoEConfig, MoELayer  # noqa: E402
-from vlmoe.moe.experts import REMEASURE_CALL  # noqa: E402
+from vlmoe.moe.experts import REMEASURE_CALL, chosen_kernels  # noqa: E402
 
 SHAPES = {  # name: (d, ffn, experts, top_k, tokens)
     "S1": (384, 1536, 8, 2, 4096),
@@ -116,6 +117,7 @@ def bench_shape(name: str, repeats: int, warmup: int, dtype: str = "float32") ->
     variants = {k: m.to(DTYPES[dtype]) for k, m in build_variants(d, ffn, experts, top_k).items()}
     x = torch.randn(1, tokens, d, dtype=DTYPES[dtype])
     grad = torch.randn(1, tokens, d, dtype=DTYPES[dtype])
+    earlier = set(chosen_kernels())  # the kernel classes of shapes measured before
     variants = {k: m for k, m in variants.items() if runs_here(k, m, x, top_k)}
 
     def fwd(module):
@@ -138,12 +140,14 @@ def bench_shape(name: str, repeats: int, warmup: int, dtype: str = "float32") ->
             times[key]["fwd"].append(timed(lambda: fwd(module), inner))
             times[key]["fwd_bwd"].append(timed(lambda: fwd_bwd(module), inner))
     med = {k: {p: statistics.median(v) for p, v in t.items()} for k, t in times.items()}
+    kernels = {key: kernel for key, kernel in chosen_kernels().items() if key not in earlier}
     return [
         {
             "shape": name, "dtype": dtype, "impl": key,
             "fwd_ms": round(m["fwd"], 4), "fwd_bwd_ms": round(m["fwd_bwd"], 4),
             "fwd_vs_dense": round(m["fwd"] / med["dense"]["fwd"], 3),
             "fwd_bwd_vs_dense": round(m["fwd_bwd"] / med["dense"]["fwd_bwd"], 3),
+            **({"cpu_kernels": kernels} if key == "vlmoe" and kernels else {}),
         }
         for key, m in med.items()
     ]

@@ -59,7 +59,7 @@ from benchmarks.machine import describe  # noqa: E402
 from data_scripts.make_shapes import draw_scene, make_captions, make_questions, sample_scene  # noqa: E402
 from vlmoe import build_model, train_tokenizer  # noqa: E402
 from vlmoe.model.towers import decoder_layers  # noqa: E402
-from vlmoe.moe.experts import chosen_forms  # noqa: E402
+from vlmoe.moe.experts import chosen_kernels  # noqa: E402
 from vlmoe.training.config import load_config  # noqa: E402
 from vlmoe.training.optim import build_optimizer  # noqa: E402
 from vlmoe.training.trainer import tokenizer_texts  # noqa: E402
@@ -259,7 +259,7 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: str, tokenize
     moe, dense = out["models"]["moe"], out["models"]["dense"]
     out["moe_vs_dense"] = {key: round(moe[key] / dense[key], 3) for key in moe if key.endswith("_ms") or "_ms_" in key}
     if device.type == "cpu":
-        out["cpu_kernels"] = {key: kernel for key, kernel in chosen_forms().items() if key.startswith("kernel ")}
+        out["cpu_kernels"] = chosen_kernels()
     return out
 
 

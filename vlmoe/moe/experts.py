@@ -182,6 +182,11 @@ def chosen_forms() -> dict[str, str]:
     return dict(_chosen_forms)
 
 
+def chosen_kernels() -> dict[str, str]:
+    """The CPU kernel (``KERNELS``) each kernel class kept: ``chosen_forms()``'s kernel entries."""
+    return {key: kernel for key, kernel in chosen_forms().items() if kernel in KERNELS}
+
+
 def restore_forms(saved: dict[str, str]) -> None:
     """Take back the choices of ``chosen_forms()`` (the same process's, before a resume); a restored
     kernel class is not measured again."""
