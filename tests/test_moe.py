@@ -85,6 +85,15 @@ def run_layer(layer: MoELayer, x: torch.Tensor, modality, grad_out: torch.Tensor
 _ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
 
 
+def grouped_and_loop(**kwargs) -> tuple[Experts, Experts]:
+    """Four float32 experts (seed 0) as the grouped kernel runs them, and the loop reference with the same weights."""
+    torch.manual_seed(0)
+    experts = Experts(4, DIM, HIDDEN, dtype=torch.float32, **kwargs)
+    loop = Experts(4, DIM, HIDDEN, implementation="loop", dtype=torch.float32, **kwargs)
+    loop.load_state_dict(experts.state_dict())
+    return experts, loop
+
+
 def expert_ffn(experts: Experts, e: int, v: torch.Tensor) -> torch.Tensor:
     """Expert ``e`` on rows ``v``, written out from the parameters."""
     act = _ACT[experts.activation]
@@ -404,7 +413,8 @@ def test_cpu_kernel_is_measured_once_per_kernel_class(monkeypatch):
     monkeypatch.setattr(experts_module, "_chosen_forms", {})
     timed, grouped_calls = [], []
 
-    def time_kernel(kernel, args):  # grouped_mm wins up to 16 assignments unless one expert gets them all
+    def time_kernel(kernel, args, backward):  # grouped_mm wins up to 16 assignments unless one expert gets them all
+        assert backward  # every call below is followed by a backward
         timed.append(kernel)
         token_idx, counts = args[2], args[3]
         return float((kernel == "grouped_mm") == (token_idx.shape[0] > 16 or int(counts.count_nonzero()) == 1))
@@ -412,10 +422,7 @@ def test_cpu_kernel_is_measured_once_per_kernel_class(monkeypatch):
     monkeypatch.setattr(experts_module, "_time_kernel", time_kernel)
     grouped_mm = F.grouped_mm
     monkeypatch.setattr(F, "grouped_mm", lambda *args, **kw: grouped_calls.append(1) or grouped_mm(*args, **kw))
-    torch.manual_seed(0)
-    experts = Experts(4, DIM, HIDDEN, dtype=torch.float32)
-    loop = Experts(4, DIM, HIDDEN, implementation="loop", dtype=torch.float32)
-    loop.load_state_dict(experts.state_dict())
+    experts, loop = grouped_and_loop()
     cases = [  # rows of each expert, the kernel that runs
         ([3, 3, 3, 3], "grouped_mm"), ([12, 0, 0, 0], "walk"), ([2, 3, 4, 1], "grouped_mm"),
         ([10, 10, 10, 10], "walk"), ([0, 6, 6, 0], "grouped_mm"), ([0, 0, 9, 0], "walk"),
@@ -462,7 +469,7 @@ def test_cpu_kernel_is_measured_again_at_its_remeasure_call_and_kept(monkeypatch
     monkeypatch.setattr(experts_module, "_calls_to_remeasure", {})
     timed, ran = [], []
 
-    def time_kernel(kernel, args):  # the walk wins the first measurement of a class, grouped_mm later ones
+    def time_kernel(kernel, args, backward):  # the walk wins the first measurement of a class, grouped_mm later ones
         first = timed.count((args[2].shape[0], kernel)) < 4  # a warm-up and three rounds
         timed.append((args[2].shape[0], kernel))
         return float((kernel == "walk") != first)
@@ -494,6 +501,41 @@ def test_cpu_kernel_is_measured_again_at_its_remeasure_call_and_kept(monkeypatch
     experts_module.restore_forms(saved)
     monkeypatch.setattr(experts_module, "_time_kernel", lambda *args: pytest.fail("measured a restored class"))
     assert [call(s) for s in (8, 16) for _ in range(2 * again)] == ["grouped_mm"] * 2 * again + ["walk"] * 2 * again
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without grouped_mm")
+def test_cpu_kernel_of_a_training_call_is_timed_through_its_backward(monkeypatch):
+    """A call followed by a backward is a kernel class of its own, and each kernel is timed through
+    the backward too (it can favour the other kernel), into gradients of its own: no parameter's
+    ``.grad`` is touched. A call without gradients is timed by its forward alone."""
+    monkeypatch.delenv(experts_module.FORM_ENV, raising=False)
+    monkeypatch.setattr(experts_module, "_chosen_forms", {})
+    monkeypatch.setattr(experts_module, "_calls_to_remeasure", {})
+    backward_calls = []
+    expert_backward = experts_module._expert_backward
+    monkeypatch.setattr(experts_module, "_expert_backward", lambda *a, **kw: backward_calls.append(1) or expert_backward(*a, **kw))
+    experts, loop = grouped_and_loop()
+    x, grad_out = torch.randn(8, DIM), torch.randn(8, DIM)
+    dispatch = Dispatch(torch.randint(0, 8, (12,)), torch.rand(12), torch.tensor([3, 3, 3, 3]))
+
+    outs = []
+    for module in (experts, loop):
+        xg = x.clone().requires_grad_()
+        y = module(xg, dispatch)
+        if module is experts:
+            assert len(backward_calls) == 2 * 4  # two kernels, a warm-up and three rounds each
+            assert all(p.grad is None for p in experts.parameters())
+        (y * grad_out).sum().backward()
+        outs.append((y, xg.grad, *(p.grad for p in module.parameters())))
+    for got, expected in zip(*outs):
+        assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert len(backward_calls) == 2 * 4 + 1
+
+    with torch.no_grad():
+        assert_close(experts(x, dispatch), outs[1][0], atol=1e-5, rtol=1e-5)
+    assert len(backward_calls) == 2 * 4 + 1  # measured anew, by the forward alone
+    classes = sorted(key for key, kernel in experts_module._chosen_forms.items() if kernel in experts_module.KERNELS)
+    assert len(classes) == 2 and classes[1] == classes[0] + " backward"
 
 
 def test_forced_form_must_exist(monkeypatch):
@@ -568,10 +610,7 @@ def test_grouped_mm_branch_gives_idle_experts_zero_gradient(monkeypatch, bias):
     lands on memory that held other values (blocks of the gradients' size filled with NaN and
     freed just before, for the allocator to hand out again)."""
     monkeypatch.setattr(experts_module, "_cpu_kernel", lambda *args: "grouped_mm")
-    torch.manual_seed(0)
-    experts = Experts(4, DIM, HIDDEN, expert_type="gelu", bias=bias, dtype=torch.float32)
-    loop = Experts(4, DIM, HIDDEN, expert_type="gelu", bias=bias, implementation="loop", dtype=torch.float32)
-    loop.load_state_dict(experts.state_dict())
+    experts, loop = grouped_and_loop(expert_type="gelu", bias=bias)
     counts = torch.tensor([3, 0, 4, 0])
     x, weights, token_idx, grad_out = torch.randn(5, DIM), torch.rand(7), torch.randint(0, 5, (7,)), torch.randn(5, DIM)
     grads = []

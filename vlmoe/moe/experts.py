@@ -114,11 +114,13 @@ _chosen_forms: dict[str, str] = {}  # shape or kernel class -> form or kernel, f
 # one AMD EPYC Zen 3, the layer alone, grouped_mm was 1.3-1.9x faster up to 128 assignments and
 # slower from 512, while inside the tiny model's train step (1088-1880 assignments) its forward
 # took 0.67-0.84 of the walk's. So it is measured per process and kernel class and kept with the
-# forms; a forced form (``VLMOE_EXPERT_FORM``) also fixes the walk, so that nothing is measured. A
-# class is measured at its first call and again at its ``REMEASURE_CALL``-th, whose pick it keeps:
-# at a process's first calls grouped_mm's full-size buffers are fresh memory, and the train step's
-# class picked the walk at its first call in 5 fresh processes of 8 (grouped_mm at the fourth step
-# in 8 of 8; a step is 8 calls of that class).
+# forms. A call followed by a backward is a class of its own, timed through its backward (two thirds
+# of the work, and it can favour the other kernel: ``_time_kernel``). A forced form
+# (``VLMOE_EXPERT_FORM``) also fixes the walk, so that nothing is measured. A class is measured at
+# its first call and again at its ``REMEASURE_CALL``-th, whose pick it keeps: at a process's first
+# calls grouped_mm's full-size buffers are fresh memory, and the train step's class picked the walk
+# at its first call in 5 fresh processes of 8 (grouped_mm at the fourth step in 8 of 8; a step is 8
+# calls of that class).
 KERNELS = ("walk", "grouped_mm")
 REMEASURE_CALL = 16
 _calls_to_remeasure: dict[str, int] = {}  # kernel class -> its calls left until it is measured again
@@ -372,41 +374,52 @@ class Experts(nn.Module):
         )
 
 
-def _uses_grouped_mm(x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation) -> bool:
-    """Whether this call runs on ``F.grouped_mm``: where torch has it and takes the operands, always
-    on CUDA, on CPU where it measured faster than the walk for this kernel class."""
+def _uses_grouped_mm(args: tuple, backward: bool) -> bool:
+    """Whether a call (``_expert_forward``'s ``args``; ``backward``: a backward will follow) runs on
+    ``F.grouped_mm``: where torch has it and takes the operands, always on CUDA, on CPU where it
+    measured faster than the walk for this kernel class."""
+    x, in_proj, out_proj = args[0], args[4], args[6]
     if not (hasattr(F, "grouped_mm") and _grouped_mm_accepts(x, in_proj, out_proj)):
         return False
     if x.device.type != "cpu":
         return x.device.type == "cuda"
-    return _cpu_kernel(x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation) == "grouped_mm"
+    return _cpu_kernel(args, backward) == "grouped_mm"
 
 
-def _cpu_kernel(*args) -> str:
+def _cpu_kernel(args: tuple, backward: bool) -> str:
     """This kernel class's faster CPU kernel (``KERNELS``): cached, or measured now (at the class's
     first call and its ``REMEASURE_CALL``-th). The walk when a form is forced, so that a forced run
     measures nothing."""
     if forced_form():
         return "walk"
     x, _, token_idx, counts, in_proj, _, out_proj, *_ = args
-    key = kernel_class(x, token_idx, counts, in_proj, out_proj)
-    return _tuned(key, lambda kernel: _time_kernel(kernel, args), KERNELS, again_at=REMEASURE_CALL)
+    key = kernel_class(x, token_idx, counts, in_proj, out_proj, backward)
+    return _tuned(key, lambda kernel: _time_kernel(kernel, args, backward), KERNELS, again_at=REMEASURE_CALL)
 
 
-def kernel_class(x: Tensor, token_idx: Tensor, counts: Tensor, in_proj: Tensor, out_proj: Tensor) -> str:
+def kernel_class(x: Tensor, token_idx: Tensor, counts: Tensor, in_proj: Tensor, out_proj: Tensor, backward: bool) -> str:
     """Calls that share a kernel: assignments and experts that got any (each rounded up to a power of
-    two), the experts' shapes. Both kernels' costs follow the experts touched (their weights, the
-    walk's blocks): at the first step of batched greedy decoding every sequence has the same last
-    token, so two experts get all rows, a call unlike the steps after it. Counting them reads
-    ``counts`` on the host: on CPU there is no device to wait for."""
+    two), the experts' shapes, and whether a backward follows. Both kernels' costs follow the experts
+    touched (their weights, the walk's blocks): at the first step of batched greedy decoding every
+    sequence has the same last token, so two experts get all rows, a call unlike the steps after it.
+    Counting them reads ``counts`` on the host: on CPU there is no device to wait for."""
     touched = rows_class(int(counts.count_nonzero()))
     shapes = "x".join(map(str, in_proj.shape)) + "," + "x".join(map(str, out_proj.shape))
-    return f"kernel rows={rows_class(token_idx.shape[0])} touched={touched} experts={shapes} {x.dtype} {x.device.type}"
+    return (f"kernel rows={rows_class(token_idx.shape[0])} touched={touched} experts={shapes} {x.dtype} "
+            f"{x.device.type}{' backward' if backward else ''}")
 
 
-def _time_kernel(kernel: str, args: tuple) -> float:
+def _time_kernel(kernel: str, args: tuple, backward: bool) -> float:
+    """Seconds of one call on ``kernel``; with ``backward``, of its forward and backward (the two can
+    disagree: at 8192 positions of width 256 and 16 experts, fp32 on one AMD EPYC Zen 3, grouped_mm
+    took 0.98 of the walk's forward and 1.16 of its forward+backward). The backward's gradients are
+    new tensors: no parameter's ``.grad`` is touched."""
     start = time.perf_counter()
-    _expert_forward(*args, grouped=kernel == "grouped_mm", keep=False)
+    out, kept = _expert_forward(*args, grouped=kernel == "grouped_mm", keep=backward)
+    if backward:
+        x, weights, token_idx, _, in_proj, in_bias, out_proj, out_bias, _, activation = args
+        _expert_backward(out, kept, weights, token_idx, in_proj, out_proj, activation, x.shape,
+                         has_bias=(in_bias is not None, out_bias is not None), need=(True, True))
     return time.perf_counter() - start
 
 
@@ -551,8 +564,8 @@ def _in_compute_dtype(x, weights, *args, keep: bool) -> tuple[Tensor, tuple | No
     uses a few of them."""
     dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        x, weights = x.to(dtype), weights.to(dtype)
-        return _expert_forward(x, weights, *args, grouped=_uses_grouped_mm(x, weights, *args), keep=keep)
+        args = (x.to(dtype), weights.to(dtype), *args)
+        return _expert_forward(*args, grouped=_uses_grouped_mm(args, backward=keep), keep=keep)
 
 
 def _expert_forward(
@@ -592,11 +605,10 @@ class GroupedExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation):
         ctx.dtypes = (x.dtype, weights.dtype, in_proj.dtype, None if in_bias is None else in_bias.dtype)
-        out, (plan, saved) = _in_compute_dtype(
+        out, ctx.kept = _in_compute_dtype(
             x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation, keep=True
         )
         ctx.save_for_backward(weights.to(out.dtype), token_idx, in_proj, out_proj)
-        ctx.saved, ctx.plan = saved, plan
         ctx.meta = (activation, in_bias is not None, out_bias is not None, x.shape)
         return out
 
@@ -604,37 +616,49 @@ class GroupedExpertsFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         weights, token_idx, in_proj, out_proj = ctx.saved_tensors
         activation, has_in_bias, has_out_bias, x_shape = ctx.meta
-        plan, act_backward = ctx.plan, EXPERT_ACTIVATIONS[activation][1]
-        need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = grad_out.new_zeros(x_shape) if need_x else None
-        grad_weights = weights.new_empty(weights.shape) if need_weights else None
-        # Gradients in the compute dtype (the parameters' own dtype may differ under autocast).
-        grad_in_proj, grad_out_proj = grad_out.new_empty(in_proj.shape), grad_out.new_empty(out_proj.shape)
-        grad_in_bias = grad_out.new_empty(in_proj.shape[:2]) if has_in_bias else None
-        grad_out_bias = grad_out.new_empty(out_proj.shape[:2]) if has_out_bias else None
-        for (rows, blocks), (kept, y_chunk) in zip(plan.chunks, ctx.saved):
-            gy_chunk = grad_out.index_select(0, token_idx[rows])  # (n_chunk, D_out)
-            if need_weights:
-                grad_weights[rows] = (gy_chunk * y_chunk).sum(-1)
-            gy_chunk *= weights[rows, None]
-            grad_x_chunk = []
-            for (block_rows, experts), (xs, h, act_gate, a, w_in, w_out) in zip(blocks, kept):
-                gy = plan.padded(gy_chunk[block_rows])  # (n', D_out): its zero rows add nothing below
-                grad_out_proj = plan.weight_grad(gy, a, grad_out_proj, experts)
-                grad_out_bias = plan.bias_grad(gy, grad_out_bias, experts)
-                gh = _activate_backward(plan.input_grad(gy, w_out), h, act_gate, act_backward)  # (n', G*H)
-                grad_in_proj = plan.weight_grad(gh, xs, grad_in_proj, experts)
-                grad_in_bias = plan.bias_grad(gh, grad_in_bias, experts)
-                if need_x:
-                    grad_x_chunk.append(plan.input_grad(gh, w_in)[: block_rows.stop - block_rows.start])
-            if need_x:
-                grad_x.index_add_(0, token_idx[rows], torch.cat(grad_x_chunk) if len(grad_x_chunk) > 1 else grad_x_chunk[0])
-        for grad in (grad_in_proj, grad_out_proj, grad_in_bias, grad_out_bias):
-            if grad is not None:
-                plan.zero_idle(grad)
+        grads = _expert_backward(
+            grad_out, ctx.kept, weights, token_idx, in_proj, out_proj, activation, x_shape,
+            has_bias=(has_in_bias, has_out_bias), need=ctx.needs_input_grad[:2],
+        )
+        grad_x, grad_weights, grad_in_proj, grad_in_bias, grad_out_proj, grad_out_bias = grads
         x_dtype, weights_dtype, param_dtype, bias_dtype = ctx.dtypes
         to = lambda t, dtype: None if t is None else t.to(dtype)  # noqa: E731
         return (
             to(grad_x, x_dtype), to(grad_weights, weights_dtype), None, None, to(grad_in_proj, param_dtype),
             to(grad_in_bias, bias_dtype), to(grad_out_proj, param_dtype), to(grad_out_bias, bias_dtype), None, None,
         )
+
+
+def _expert_backward(grad_out, kept, weights, token_idx, in_proj, out_proj, activation, x_shape, *, has_bias, need):
+    """The gradients of ``_expert_forward`` (``kept``: what it kept) in the compute dtype: of the
+    input, the routing weights (each None unless ``need`` says so), the projections and their biases
+    (None where ``has_bias`` says there is none)."""
+    (plan, saved), act_backward = kept, EXPERT_ACTIVATIONS[activation][1]
+    (need_x, need_weights), (has_in_bias, has_out_bias) = need, has_bias
+    grad_x = grad_out.new_zeros(x_shape) if need_x else None
+    grad_weights = weights.new_empty(weights.shape) if need_weights else None
+    # Gradients in the compute dtype (the parameters' own dtype may differ under autocast).
+    grad_in_proj, grad_out_proj = grad_out.new_empty(in_proj.shape), grad_out.new_empty(out_proj.shape)
+    grad_in_bias = grad_out.new_empty(in_proj.shape[:2]) if has_in_bias else None
+    grad_out_bias = grad_out.new_empty(out_proj.shape[:2]) if has_out_bias else None
+    for (rows, blocks), (kept_blocks, y_chunk) in zip(plan.chunks, saved):
+        gy_chunk = grad_out.index_select(0, token_idx[rows])  # (n_chunk, D_out)
+        if need_weights:
+            grad_weights[rows] = (gy_chunk * y_chunk).sum(-1)
+        gy_chunk *= weights[rows, None]
+        grad_x_chunk = []
+        for (block_rows, experts), (xs, h, act_gate, a, w_in, w_out) in zip(blocks, kept_blocks):
+            gy = plan.padded(gy_chunk[block_rows])  # (n', D_out): its zero rows add nothing below
+            grad_out_proj = plan.weight_grad(gy, a, grad_out_proj, experts)
+            grad_out_bias = plan.bias_grad(gy, grad_out_bias, experts)
+            gh = _activate_backward(plan.input_grad(gy, w_out), h, act_gate, act_backward)  # (n', G*H)
+            grad_in_proj = plan.weight_grad(gh, xs, grad_in_proj, experts)
+            grad_in_bias = plan.bias_grad(gh, grad_in_bias, experts)
+            if need_x:
+                grad_x_chunk.append(plan.input_grad(gh, w_in)[: block_rows.stop - block_rows.start])
+        if need_x:
+            grad_x.index_add_(0, token_idx[rows], torch.cat(grad_x_chunk) if len(grad_x_chunk) > 1 else grad_x_chunk[0])
+    for grad in (grad_in_proj, grad_out_proj, grad_in_bias, grad_out_bias):
+        if grad is not None:
+            plan.zero_idle(grad)
+    return grad_x, grad_weights, grad_in_proj, grad_in_bias, grad_out_proj, grad_out_bias
