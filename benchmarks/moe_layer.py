@@ -8,8 +8,8 @@
 
 Every implementation gets the same weights and inputs and is timed in rotation in one process
 (2 threads by default): forward under ``no_grad`` and forward+backward, median over
-``--repeats`` rounds after warm-up (at least ``REMEASURE_CALL`` calls of each MoE layer, so that
-the rounds run the kernel it keeps). Each allocator setting (``benchmarks/machine.py``: glibc's
+``--repeats`` rounds after warm-up (first vlmoe's layer alone, until its CPU kernel trials end, so
+that the rounds run the kernels it keeps). Each allocator setting (``benchmarks/machine.py``: glibc's
 default; ``reuse``, glibc keeping freed memory; ``thp``, transparent huge pages where the
 kernel allows them) runs in its own child process, since the allocator reads its settings at
 start-up; ratios are taken within one process, never across settings. ``bfloat16`` casts
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.machine import ALLOCATORS, available_allocators, describe, run_per_allocator  # noqa: E402
 from vlmoe.model.modeling import TEXT  # noqa: E402
 from vlmoe.moe import FeedForward, MoEConfig, MoELayer  # noqa: E402
-from vlmoe.moe.experts import REMEASURE_CALL, chosen_kernels  # noqa: E402
+from vlmoe.moe.experts import TRIAL_CALLS, chosen_kernels  # noqa: E402
 
 SHAPES = {  # name: (d, ffn, experts, top_k, tokens)
     "S1": (384, 1536, 8, 2, 4096),
@@ -130,7 +130,10 @@ def bench_shape(name: str, repeats: int, warmup: int, dtype: str = "float32") ->
         module.zero_grad(set_to_none=True)
 
     inner = max(1, round(20 / max(timed(lambda: fwd(variants["dense"]), 3), 1e-3)))  # >= ~20 ms a sample
-    for _ in range(max(warmup, -(-REMEASURE_CALL // 2))):  # two calls a round
+    for _ in range(TRIAL_CALLS + 1):  # each of vlmoe's two kernel classes (forward, forward+backward)
+        fwd(variants["vlmoe"])
+        fwd_bwd(variants["vlmoe"])
+    for _ in range(warmup):
         for module in variants.values():
             fwd(module)
             fwd_bwd(module)

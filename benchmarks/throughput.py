@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=4,
                         help="rounds before timing (4: each CPU kernel class of the tiny models, called 4 or more "
-                             "times a round, reaches its REMEASURE_CALL-th call)")
+                             "times a round, ends its kernel trials, TRIAL_CALLS calls)")
     parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"],
                         help="float32 or bfloat16 autocast, each in turn (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--compile", action="store_true",

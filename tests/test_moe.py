@@ -403,139 +403,129 @@ def test_chosen_forms_are_restored_not_measured_again(monkeypatch):
         experts_module.restore_forms({"rows=4": "fastest"})
 
 
-@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without grouped_mm")
-def test_cpu_kernel_is_measured_once_per_kernel_class(monkeypatch):
-    """On CPU each kernel class (assignments and experts touched, each rounded up to a power of two)
-    times the walk against grouped_mm at its first call and runs the winner from then on (until its
-    ``REMEASURE_CALL``-th call: next test); both equal the loop. A forced matmul form fixes the walk
-    and measures nothing."""
+def fake_trial_times(monkeypatch, seconds) -> list[tuple[str, str]]:
+    """Kernel trials record ``seconds(key, kernel)`` instead of their own time; returns the
+    ``(key, kernel)`` of every trial recorded, in order."""
+    recorded = []
+
+    def record(trial):
+        recorded.append((trial.key, trial.kernel))
+        trial.trials.seconds[trial.kernel].append(seconds(trial.key, trial.kernel))
+
     monkeypatch.delenv(experts_module.FORM_ENV, raising=False)
     monkeypatch.setattr(experts_module, "_chosen_forms", {})
-    timed, grouped_calls = [], []
+    monkeypatch.setattr(experts_module, "_trials", {})
+    monkeypatch.setattr(experts_module.KernelTrial, "record", lambda trial: trial.trials is not None and record(trial))
+    return recorded
 
-    def time_kernel(kernel, args, backward):  # grouped_mm wins up to 16 assignments unless one expert gets them all
-        assert backward  # every call below is followed by a backward
-        timed.append(kernel)
-        token_idx, counts = args[2], args[3]
-        return float((kernel == "grouped_mm") == (token_idx.shape[0] > 16 or int(counts.count_nonzero()) == 1))
 
-    monkeypatch.setattr(experts_module, "_time_kernel", time_kernel)
-    grouped_mm = F.grouped_mm
-    monkeypatch.setattr(F, "grouped_mm", lambda *args, **kw: grouped_calls.append(1) or grouped_mm(*args, **kw))
+def spy_grouped_mm(monkeypatch) -> list[int]:
+    """A list that gets an item at every ``F.grouped_mm`` call."""
+    calls, grouped_mm = [], F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *args, **kw: calls.append(1) or grouped_mm(*args, **kw))
+    return calls
+
+
+def train_call(module: Experts, counts: list[int], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """One forward and backward of ``module`` on ``counts`` rows per expert: the output and every gradient."""
+    torch.manual_seed(seed)
+    counts = torch.tensor(counts)
+    n = int(counts.sum())
+    x, weights = torch.randn(8, DIM, requires_grad=True), torch.rand(n, requires_grad=True)
+    token_idx, grad_out = torch.randint(0, 8, (n,)), torch.randn(8, DIM)
+    module.zero_grad(set_to_none=True)
+    y = module(x, Dispatch(token_idx, weights, counts))
+    (y * grad_out).sum().backward()
+    return (y, x.grad, weights.grad, *(p.grad for p in module.parameters()))
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without grouped_mm")
+def test_cpu_kernel_is_tried_on_each_kernel_class_own_calls_then_kept(monkeypatch):
+    """On CPU each kernel class (assignments and experts touched, each rounded up to a power of two;
+    whether a backward follows) runs its first ``TRIAL_CALLS`` calls on the walk and grouped_mm in
+    turn, timed as they run, and the better kernel from then on; both equal the loop. A forced
+    matmul form fixes the walk and tries nothing."""
+    def seconds(key, kernel):  # grouped_mm wins up to 16 assignments unless one expert gets them all
+        wins = "rows=16 " in key and "touched=1 " not in key
+        return float((kernel == "grouped_mm") != wins)
+
+    recorded = fake_trial_times(monkeypatch, seconds)
+    grouped_calls = spy_grouped_mm(monkeypatch)
     experts, loop = grouped_and_loop()
-    cases = [  # rows of each expert, the kernel that runs
+    trials = experts_module.TRIAL_CALLS
+    cases = [  # rows of each expert, the kernel kept
         ([3, 3, 3, 3], "grouped_mm"), ([12, 0, 0, 0], "walk"), ([2, 3, 4, 1], "grouped_mm"),
         ([10, 10, 10, 10], "walk"), ([0, 6, 6, 0], "grouped_mm"), ([0, 0, 9, 0], "walk"),
     ]
     for counts, kernel in cases:
-        grouped_calls.clear()
-        counts = torch.tensor(counts)
-        n = int(counts.sum())
-        x, weights = torch.randn(8, DIM), torch.rand(n)
-        token_idx, grad_out = torch.randint(0, 8, (n,)), torch.randn(8, DIM)
-        outs = []
-        for module in (experts, loop):
-            module.zero_grad(set_to_none=True)
-            xg, wg = x.clone().requires_grad_(), weights.clone().requires_grad_()
-            y = module(xg, Dispatch(token_idx, wg, counts))
-            (y * grad_out).sum().backward()
-            outs.append((y, xg.grad, wg.grad, *(p.grad for p in module.parameters())))
-        assert bool(grouped_calls) == (kernel == "grouped_mm"), counts
-        for got, expected in zip(*outs):
+        ran = []
+        for _ in range(trials + 2):
+            grouped_calls.clear()
+            got = train_call(experts, counts)
+            ran.append("grouped_mm" if grouped_calls else "walk")
+        for got, expected in zip(got, train_call(loop, counts)):
             assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert ran[-2:] == [kernel] * 2, counts  # kept after the trials (or a class's earlier ones)
     classes = {tuple(key.split()[1:3]): kernel for key, kernel in experts_module._chosen_forms.items()
                if key.startswith("kernel")}
     assert classes == {
         ("rows=16", "touched=4"): "grouped_mm", ("rows=16", "touched=1"): "walk",
         ("rows=64", "touched=4"): "walk", ("rows=16", "touched=2"): "grouped_mm",
     }  # 12 and 10 assignments share a class, and so do two calls that touch one expert
-    assert len(timed) == 4 * 2 * 4  # four classes, two kernels, a warm-up and three rounds each
+    assert len(recorded) == 4 * trials and all(key.endswith(" backward") for key, _ in recorded)
+    first = [kernel for _, kernel in recorded[:trials]]
+    assert first == ["walk", "grouped_mm"] * (trials // 2)  # in turn
 
     monkeypatch.setenv(experts_module.FORM_ENV, "rows_first")
     monkeypatch.setattr(experts_module, "_chosen_forms", {})
-    monkeypatch.setattr(experts_module, "_time_kernel", lambda *args: pytest.fail("measured with a forced form"))
     grouped_calls.clear()
-    experts(torch.randn(8, DIM), Dispatch(torch.arange(6), torch.rand(6), torch.tensor([3, 3, 0, 0])))
-    assert not grouped_calls
+    for _ in range(3):
+        experts(torch.randn(8, DIM), Dispatch(torch.arange(6), torch.rand(6), torch.tensor([3, 3, 0, 0])))
+    assert not grouped_calls and len(recorded) == 4 * trials
 
 
 @pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without grouped_mm")
-def test_cpu_kernel_is_measured_again_at_its_remeasure_call_and_kept(monkeypatch):
-    """A kernel class runs its first pick until its ``REMEASURE_CALL``-th call, measures again there
-    and keeps that pick for good. ``chosen_forms()`` (what a checkpoint saves) ends the wait: a class
-    measured once keeps its first pick, and so does a class restored from a checkpoint."""
-    monkeypatch.delenv(experts_module.FORM_ENV, raising=False)
-    monkeypatch.setattr(experts_module, "_chosen_forms", {})
-    monkeypatch.setattr(experts_module, "_calls_to_remeasure", {})
-    timed, ran = [], []
-
-    def time_kernel(kernel, args, backward):  # the walk wins the first measurement of a class, grouped_mm later ones
-        first = timed.count((args[2].shape[0], kernel)) < 4  # a warm-up and three rounds
-        timed.append((args[2].shape[0], kernel))
-        return float((kernel == "walk") != first)
-
-    monkeypatch.setattr(experts_module, "_time_kernel", time_kernel)
-    grouped_mm = F.grouped_mm
-    monkeypatch.setattr(F, "grouped_mm", lambda *args, **kw: ran.append(1) or grouped_mm(*args, **kw))
-    experts = Experts(4, DIM, HIDDEN, dtype=torch.float32)
-
-    def call(assignments: int) -> str:
-        ran.clear()
-        per_expert = assignments // 4
-        counts = torch.tensor([per_expert] * 4)
-        experts(torch.randn(8, DIM), Dispatch(torch.randint(0, 8, (assignments,)), torch.rand(assignments), counts))
-        return "grouped_mm" if ran else "walk"
-
-    again = experts_module.REMEASURE_CALL
-    assert [call(8) for _ in range(again - 1)] == ["walk"] * (again - 1)
-    assert len(timed) == 2 * 4
-    assert [call(8) for _ in range(3 * again)] == ["grouped_mm"] * 3 * again
-    assert len(timed) == 2 * 2 * 4  # measured at the first call and the REMEASURE_CALL-th, never again
-
-    assert call(16) == "walk"  # another class
-    saved = experts_module.chosen_forms()
-    assert [call(16) for _ in range(2 * again)] == ["walk"] * 2 * again  # saved: no second measurement
-    assert len(timed) == 3 * 2 * 4
-    monkeypatch.setattr(experts_module, "_chosen_forms", {})  # a new process, resumed after one call
-    assert call(16) == "grouped_mm"  # measured, waiting for its second measurement
-    experts_module.restore_forms(saved)
-    monkeypatch.setattr(experts_module, "_time_kernel", lambda *args: pytest.fail("measured a restored class"))
-    assert [call(s) for s in (8, 16) for _ in range(2 * again)] == ["grouped_mm"] * 2 * again + ["walk"] * 2 * again
-
-
-@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without grouped_mm")
-def test_cpu_kernel_of_a_training_call_is_timed_through_its_backward(monkeypatch):
-    """A call followed by a backward is a kernel class of its own, and each kernel is timed through
-    the backward too (it can favour the other kernel), into gradients of its own: no parameter's
-    ``.grad`` is touched. A call without gradients is timed by its forward alone."""
-    monkeypatch.delenv(experts_module.FORM_ENV, raising=False)
-    monkeypatch.setattr(experts_module, "_chosen_forms", {})
-    monkeypatch.setattr(experts_module, "_calls_to_remeasure", {})
-    backward_calls = []
-    expert_backward = experts_module._expert_backward
-    monkeypatch.setattr(experts_module, "_expert_backward", lambda *a, **kw: backward_calls.append(1) or expert_backward(*a, **kw))
+def test_kernel_trials_time_the_backward_and_end_at_a_checkpoint(monkeypatch):
+    """A training call's trial is recorded once its backward ran (it is timed too), a call without
+    gradients at its forward; those are classes of their own. ``chosen_forms()`` (what a checkpoint
+    saves) ends every class's trials with the better kernel so far; a class restored from a
+    checkpoint is not tried again."""
+    timed = {"walk": [2.0] * 20, "grouped_mm": [1.5] * 20}
+    recorded = fake_trial_times(monkeypatch, lambda key, kernel: timed[kernel].pop(0))
+    grouped_calls = spy_grouped_mm(monkeypatch)
     experts, loop = grouped_and_loop()
-    x, grad_out = torch.randn(8, DIM), torch.randn(8, DIM)
+    trials = experts_module.TRIAL_CALLS
+
     dispatch = Dispatch(torch.randint(0, 8, (12,)), torch.rand(12), torch.tensor([3, 3, 3, 3]))
-
-    outs = []
-    for module in (experts, loop):
-        xg = x.clone().requires_grad_()
-        y = module(xg, dispatch)
-        if module is experts:
-            assert len(backward_calls) == 2 * 4  # two kernels, a warm-up and three rounds each
-            assert all(p.grad is None for p in experts.parameters())
-        (y * grad_out).sum().backward()
-        outs.append((y, xg.grad, *(p.grad for p in module.parameters())))
-    for got, expected in zip(*outs):
-        assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    assert len(backward_calls) == 2 * 4 + 1
-
+    x = torch.randn(8, DIM, requires_grad=True)
+    y = experts(x, dispatch)
+    assert not recorded  # not before its backward
+    y.sum().backward()
+    assert len(recorded) == 1 and recorded[0][0].endswith(" backward")
+    for _ in range(trials):
+        train_call(experts, [3, 3, 3, 3])
+    grouped_calls.clear()
+    train_call(experts, [3, 3, 3, 3])
+    assert grouped_calls  # kept: 1.5 against 2.0
     with torch.no_grad():
-        assert_close(experts(x, dispatch), outs[1][0], atol=1e-5, rtol=1e-5)
-    assert len(backward_calls) == 2 * 4 + 1  # measured anew, by the forward alone
-    classes = sorted(key for key, kernel in experts_module._chosen_forms.items() if kernel in experts_module.KERNELS)
-    assert len(classes) == 2 and classes[1] == classes[0] + " backward"
+        experts(x, dispatch)
+    assert len(recorded) == trials + 1 and not recorded[-1][0].endswith(" backward")  # recorded at once
+
+    def run(counts) -> str:
+        grouped_calls.clear()
+        train_call(experts, counts)
+        return "grouped_mm" if grouped_calls else "walk"
+
+    timed.update(walk=[2.0] * 20, grouped_mm=[1.0] * 20)
+    other = [8, 8, 0, 0]  # another class: two experts touched
+    assert [run(other) for _ in range(3)] == ["walk", "grouped_mm", "walk"]  # on trial
+    saved = experts_module.chosen_forms()
+    assert [run(other) for _ in range(2 * trials)] == ["grouped_mm"] * 2 * trials  # trials ended
+    monkeypatch.setattr(experts_module, "_chosen_forms", {})  # a new process, resumed
+    assert run(other) == "walk"  # on trial again
+    experts_module.restore_forms(saved)
+    assert [run(other) for _ in range(2 * trials)] == ["grouped_mm"] * 2 * trials
+    assert all(key.split()[1] == "rows=16" for key, _ in recorded)
 
 
 def test_forced_form_must_exist(monkeypatch):
@@ -587,7 +577,7 @@ def test_grouped_mm_branch_equals_loop(monkeypatch, expert_type, dtype, dim, hid
     torch's grouped_mm validates its inputs the same way on every device, so this is also what a
     CUDA run of the layer does, minus the kernel.
     """
-    monkeypatch.setattr(experts_module, "_cpu_kernel", lambda *args: "grouped_mm")
+    monkeypatch.setattr(experts_module, "_cpu_kernel", lambda *args: experts_module.KernelTrial("grouped_mm"))
     grouped = make_layer(dtype=dtype, dim=dim, hidden=hidden, num_experts=4, top_k=2, expert_type=expert_type)
     loop = clone_with(grouped, implementation="loop")
     torch.manual_seed(1)
@@ -609,7 +599,7 @@ def test_grouped_mm_branch_gives_idle_experts_zero_gradient(monkeypatch, bias):
     masks them: torch's CPU grouped_mm writes zeros for an empty group, also where its output
     lands on memory that held other values (blocks of the gradients' size filled with NaN and
     freed just before, for the allocator to hand out again)."""
-    monkeypatch.setattr(experts_module, "_cpu_kernel", lambda *args: "grouped_mm")
+    monkeypatch.setattr(experts_module, "_cpu_kernel", lambda *args: experts_module.KernelTrial("grouped_mm"))
     experts, loop = grouped_and_loop(expert_type="gelu", bias=bias)
     counts = torch.tensor([3, 0, 4, 0])
     x, weights, token_idx, grad_out = torch.randn(5, DIM), torch.rand(7), torch.randint(0, 5, (7,)), torch.randn(5, DIM)
@@ -1323,7 +1313,7 @@ def test_host_syncs_per_tower_forward(monkeypatch, blocks, padded):
     if blocks == "grouped_mm":
         if not hasattr(F, "grouped_mm"):
             pytest.skip("torch without grouped_mm")
-        monkeypatch.setattr(experts_module, "_cpu_kernel", lambda *args: "grouped_mm")
+        monkeypatch.setattr(experts_module, "_cpu_kernel", lambda *args: experts_module.KernelTrial("grouped_mm"))
     layers = [make_layer(dtype=torch.float32, num_experts=4, top_k=2, modality_mode="per_modality", seed=i)
               for i in range(3)]
     tower = nn.Sequential(*layers)

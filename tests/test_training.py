@@ -119,16 +119,22 @@ def test_resume_keeps_the_autotuned_expert_forms(shapes, tmp_path, monkeypatch):
     from vlmoe.moe import experts
 
     def prefer(form: str, kernel: str) -> None:
+        def record(trial):
+            if trial.trials is not None:
+                trial.trials.seconds[trial.kernel].append(float(trial.kernel != kernel))
+
         monkeypatch.setattr(experts, "_time_form", lambda choice, *args: float(choice != form))
-        monkeypatch.setattr(experts, "_time_kernel", lambda choice, *args: float(choice != kernel))
+        monkeypatch.setattr(experts.KernelTrial, "record", record)
 
     monkeypatch.delenv(experts.FORM_ENV, raising=False)
     monkeypatch.setattr(experts, "_chosen_forms", {})
+    monkeypatch.setattr(experts, "_trials", {})
     prefer("weight_first", "walk")
     small = ["data.batch_size=1"]  # blocks of a few rows, where the two forms round differently
     run_dir, expected = interrupted_run(shapes, tmp_path, *small)
     assert set(experts.chosen_forms().values()) == {"weight_first", "walk"}
     monkeypatch.setattr(experts, "_chosen_forms", {})  # a new process, where the others measure faster
+    monkeypatch.setattr(experts, "_trials", {})
     prefer("rows_first", "grouped_mm")
     train_in_process(shapes, str(tmp_path), "run", "train.steps=6", "train.checkpoint_every=3", *small, "--resume", "auto")
     assert losses(run_dir) == expected  # every step, bit for bit

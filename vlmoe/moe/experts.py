@@ -40,6 +40,7 @@ import functools
 import itertools
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -113,17 +114,16 @@ _chosen_forms: dict[str, str] = {}  # shape or kernel class -> form or kernel, f
 # every expert. Which is faster depends on the rows per expert and on the process's memory: fp32 on
 # one AMD EPYC Zen 3, the layer alone, grouped_mm was 1.3-1.9x faster up to 128 assignments and
 # slower from 512, while inside the tiny model's train step (1088-1880 assignments) its forward
-# took 0.67-0.84 of the walk's. So it is measured per process and kernel class and kept with the
-# forms. A call followed by a backward is a class of its own, timed through its backward (two thirds
-# of the work, and it can favour the other kernel: ``_time_kernel``). A forced form
-# (``VLMOE_EXPERT_FORM``) also fixes the walk, so that nothing is measured. A class is measured at
-# its first call and again at its ``REMEASURE_CALL``-th, whose pick it keeps: at a process's first
-# calls grouped_mm's full-size buffers are fresh memory, and the train step's class picked the walk
-# at its first call in 5 fresh processes of 8 (grouped_mm at the fourth step in 8 of 8; a step is 8
-# calls of that class).
+# took 0.67-0.84 of the walk's. So each process picks per kernel class, from the class's own calls:
+# its first ``TRIAL_CALLS`` run on the two kernels in turn, each timed as it runs (``KernelTrial``),
+# its backward included where one follows (a class of its own: the backward is two thirds of the
+# work and can favour the other kernel); then the kernel of the lower median time is kept with the
+# forms. Timing the real calls, not extra ones made for it, takes in what a separate timing missed:
+# at a process's first calls grouped_mm's full-size buffers are fresh memory, and in the train step
+# the backward runs long after its forward, on activations gone cold. A forced form
+# (``VLMOE_EXPERT_FORM``) also fixes the walk: no trials.
 KERNELS = ("walk", "grouped_mm")
-REMEASURE_CALL = 16
-_calls_to_remeasure: dict[str, int] = {}  # kernel class -> its calls left until it is measured again
+TRIAL_CALLS = 16
 
 
 def rows_class(rows: int) -> int:
@@ -161,26 +161,20 @@ def _autotune(time_choice, choices, rounds: int = 3) -> str:
     return min(best, key=best.get)
 
 
-def _tuned(key: str, time_choice, choices, again_at: int | None = None) -> str:
-    """The cached choice for ``key``, or one measured now (``_autotune``) and cached; with
-    ``again_at``, measured once more at the key's ``again_at``-th call, whose pick stays."""
+def _tuned(key: str, time_choice, choices) -> str:
+    """The cached choice for ``key``, or one measured now (``_autotune``) and cached."""
     if key not in _chosen_forms:
         _chosen_forms[key] = _autotune(time_choice, choices)
-        if again_at:
-            _calls_to_remeasure[key] = again_at - 1
-    elif key in _calls_to_remeasure:
-        _calls_to_remeasure[key] -= 1
-        if not _calls_to_remeasure[key]:
-            del _calls_to_remeasure[key]
-            _chosen_forms[key] = _autotune(time_choice, choices)
     return _chosen_forms[key]
 
 
 def chosen_forms() -> dict[str, str]:
-    """This process's choices so far (a checkpoint keeps them). A kernel class still waiting for its
-    second measurement keeps its first pick from now on: this process and a run resumed from the
-    checkpoint go on with the same kernel."""
-    _calls_to_remeasure.clear()
+    """This process's choices so far (a checkpoint keeps them). A kernel class still on trial keeps
+    the better kernel so far from now on: this process and a run resumed from the checkpoint go on
+    with the same kernel."""
+    for key, trials in _trials.items():
+        _chosen_forms[key] = trials.best()
+    _trials.clear()
     return dict(_chosen_forms)
 
 
@@ -191,14 +185,14 @@ def chosen_kernels() -> dict[str, str]:
 
 def restore_forms(saved: dict[str, str]) -> None:
     """Take back the choices of ``chosen_forms()`` (the same process's, before a resume); a restored
-    kernel class is not measured again."""
+    kernel class is not tried again."""
     known = [*MATMUL_FORMS, *KERNELS]
     unknown = sorted(set(saved.values()) - set(known))
     if unknown:
         raise ValueError(f"saved expert matmul forms {unknown} are not among {known}")
     _chosen_forms.update(saved)
     for key in saved:
-        _calls_to_remeasure.pop(key, None)
+        _trials.pop(key, None)
 
 
 def forced_form() -> str | None:
@@ -374,27 +368,72 @@ class Experts(nn.Module):
         )
 
 
-def _uses_grouped_mm(args: tuple, backward: bool) -> bool:
-    """Whether a call (``_expert_forward``'s ``args``; ``backward``: a backward will follow) runs on
-    ``F.grouped_mm``: where torch has it and takes the operands, always on CUDA, on CPU where it
-    measured faster than the walk for this kernel class."""
+class _Trials:
+    """A kernel class's calls on trial: how many started, and the seconds of each that ran through."""
+
+    def __init__(self):
+        self.started = 0
+        self.seconds: dict[str, list[float]] = {kernel: [] for kernel in KERNELS}
+
+    def best(self) -> str:
+        """The kernel of the lower median seconds (the walk where none ran through)."""
+        return min(KERNELS, key=lambda kernel: statistics.median(self.seconds[kernel] or [math.inf]))
+
+
+_trials: dict[str, _Trials] = {}  # kernel class on trial -> its trials
+
+
+class KernelTrial:
+    """The kernel one call runs on. On trial (``trials`` of its class ``key`` given) the call is timed
+    as it runs, each part inside ``with trial:`` (its forward, its backward), and ``record``ed once
+    complete."""
+
+    def __init__(self, kernel: str, trials: _Trials | None = None, key: str | None = None):
+        self.kernel, self.trials, self.key, self.seconds = kernel, trials, key, 0.0
+
+    def __enter__(self):
+        if self.trials is not None:
+            self._start = time.perf_counter()
+
+    def __exit__(self, *_):
+        if self.trials is not None:
+            self.seconds += time.perf_counter() - self._start
+
+    def record(self) -> None:
+        if self.trials is not None:
+            self.trials.seconds[self.kernel].append(self.seconds)
+
+
+def _kernel(args: tuple, backward: bool) -> KernelTrial:
+    """The kernel a call (``_expert_forward``'s ``args``; ``backward``: a backward will follow) runs
+    on: ``F.grouped_mm`` where torch has it and takes the operands, always on CUDA; on CPU the kernel
+    class's pick (``_cpu_kernel``); the walk elsewhere."""
     x, in_proj, out_proj = args[0], args[4], args[6]
     if not (hasattr(F, "grouped_mm") and _grouped_mm_accepts(x, in_proj, out_proj)):
-        return False
+        return KernelTrial("walk")
     if x.device.type != "cpu":
-        return x.device.type == "cuda"
-    return _cpu_kernel(args, backward) == "grouped_mm"
+        return KernelTrial("grouped_mm" if x.device.type == "cuda" else "walk")
+    return _cpu_kernel(args, backward)
 
 
-def _cpu_kernel(args: tuple, backward: bool) -> str:
-    """This kernel class's faster CPU kernel (``KERNELS``): cached, or measured now (at the class's
-    first call and its ``REMEASURE_CALL``-th). The walk when a form is forced, so that a forced run
-    measures nothing."""
+def _cpu_kernel(args: tuple, backward: bool) -> KernelTrial:
+    """This kernel class's kept kernel (``KERNELS``), or its next trial: its first ``TRIAL_CALLS``
+    calls take the kernels in turn, the one after them keeps the better. The walk, untimed, when a
+    form is forced."""
     if forced_form():
-        return "walk"
+        return KernelTrial("walk")
     x, _, token_idx, counts, in_proj, _, out_proj, *_ = args
     key = kernel_class(x, token_idx, counts, in_proj, out_proj, backward)
-    return _tuned(key, lambda kernel: _time_kernel(kernel, args, backward), KERNELS, again_at=REMEASURE_CALL)
+    if key in _chosen_forms:
+        return KernelTrial(_chosen_forms[key])
+    trials = _trials.setdefault(key, _Trials())
+    if trials.started == TRIAL_CALLS:
+        _chosen_forms[key] = trials.best()
+        del _trials[key]
+        return KernelTrial(_chosen_forms[key])
+    kernel = KERNELS[trials.started % len(KERNELS)]
+    trials.started += 1
+    return KernelTrial(kernel, trials, key)
 
 
 def kernel_class(x: Tensor, token_idx: Tensor, counts: Tensor, in_proj: Tensor, out_proj: Tensor, backward: bool) -> str:
@@ -407,20 +446,6 @@ def kernel_class(x: Tensor, token_idx: Tensor, counts: Tensor, in_proj: Tensor, 
     shapes = "x".join(map(str, in_proj.shape)) + "," + "x".join(map(str, out_proj.shape))
     return (f"kernel rows={rows_class(token_idx.shape[0])} touched={touched} experts={shapes} {x.dtype} "
             f"{x.device.type}{' backward' if backward else ''}")
-
-
-def _time_kernel(kernel: str, args: tuple, backward: bool) -> float:
-    """Seconds of one call on ``kernel``; with ``backward``, of its forward and backward (the two can
-    disagree: at 8192 positions of width 256 and 16 experts, fp32 on one AMD EPYC Zen 3, grouped_mm
-    took 0.98 of the walk's forward and 1.16 of its forward+backward). The backward's gradients are
-    new tensors: no parameter's ``.grad`` is touched."""
-    start = time.perf_counter()
-    out, kept = _expert_forward(*args, grouped=kernel == "grouped_mm", keep=backward)
-    if backward:
-        x, weights, token_idx, _, in_proj, in_bias, out_proj, out_bias, _, activation = args
-        _expert_backward(out, kept, weights, token_idx, in_proj, out_proj, activation, x.shape,
-                         has_bias=(in_bias is not None, out_bias is not None), need=(True, True))
-    return time.perf_counter() - start
 
 
 def _grouped_mm_accepts(x: Tensor, *weights: Tensor) -> bool:
@@ -558,14 +583,20 @@ def grouped_experts(x, weights, token_idx, counts, in_proj, in_bias, out_proj, o
     return _in_compute_dtype(x, weights, *args[2:], keep=False)[0]
 
 
-def _in_compute_dtype(x, weights, *args, keep: bool) -> tuple[Tensor, tuple | None]:
+def _in_compute_dtype(x, weights, *args, keep: bool) -> tuple[Tensor, tuple | None, KernelTrial]:
     """``_expert_forward`` in the compute dtype: under autocast, autocast's, applied explicitly (the
     backward runs outside autocast). Each block casts only its own experts' weights: a decode step
-    uses a few of them."""
+    uses a few of them. Also returns the call's ``KernelTrial``, complete unless ``keep`` (a backward
+    follows, to be timed as well)."""
     dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         args = (x.to(dtype), weights.to(dtype), *args)
-        return _expert_forward(*args, grouped=_uses_grouped_mm(args, backward=keep), keep=keep)
+        trial = _kernel(args, backward=keep)
+        with trial:
+            out, kept = _expert_forward(*args, grouped=trial.kernel == "grouped_mm", keep=keep)
+        if not keep:
+            trial.record()
+        return out, kept, trial
 
 
 def _expert_forward(
@@ -605,7 +636,7 @@ class GroupedExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation):
         ctx.dtypes = (x.dtype, weights.dtype, in_proj.dtype, None if in_bias is None else in_bias.dtype)
-        out, ctx.kept = _in_compute_dtype(
+        out, ctx.kept, ctx.trial = _in_compute_dtype(
             x, weights, token_idx, counts, in_proj, in_bias, out_proj, out_bias, gated, activation, keep=True
         )
         ctx.save_for_backward(weights.to(out.dtype), token_idx, in_proj, out_proj)
@@ -616,10 +647,12 @@ class GroupedExpertsFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         weights, token_idx, in_proj, out_proj = ctx.saved_tensors
         activation, has_in_bias, has_out_bias, x_shape = ctx.meta
-        grads = _expert_backward(
-            grad_out, ctx.kept, weights, token_idx, in_proj, out_proj, activation, x_shape,
-            has_bias=(has_in_bias, has_out_bias), need=ctx.needs_input_grad[:2],
-        )
+        with ctx.trial:
+            grads = _expert_backward(
+                grad_out, ctx.kept, weights, token_idx, in_proj, out_proj, activation, x_shape,
+                has_bias=(has_in_bias, has_out_bias), need=ctx.needs_input_grad[:2],
+            )
+        ctx.trial.record()
         grad_x, grad_weights, grad_in_proj, grad_in_bias, grad_out_proj, grad_out_bias = grads
         x_dtype, weights_dtype, param_dtype, bias_dtype = ctx.dtypes
         to = lambda t, dtype: None if t is None else t.to(dtype)  # noqa: E731
