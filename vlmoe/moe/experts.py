@@ -645,13 +645,8 @@ class GroupedExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        weights, token_idx, in_proj, out_proj = ctx.saved_tensors
-        activation, has_in_bias, has_out_bias, x_shape = ctx.meta
         with ctx.trial:
-            grads = _expert_backward(
-                grad_out, ctx.kept, weights, token_idx, in_proj, out_proj, activation, x_shape,
-                has_bias=(has_in_bias, has_out_bias), need=ctx.needs_input_grad[:2],
-            )
+            grads = _expert_backward(ctx, grad_out)
         ctx.trial.record()
         grad_x, grad_weights, grad_in_proj, grad_in_bias, grad_out_proj, grad_out_bias = grads
         x_dtype, weights_dtype, param_dtype, bias_dtype = ctx.dtypes
@@ -662,25 +657,27 @@ class GroupedExpertsFunction(torch.autograd.Function):
         )
 
 
-def _expert_backward(grad_out, kept, weights, token_idx, in_proj, out_proj, activation, x_shape, *, has_bias, need):
-    """The gradients of ``_expert_forward`` (``kept``: what it kept) in the compute dtype: of the
-    input, the routing weights (each None unless ``need`` says so), the projections and their biases
-    (None where ``has_bias`` says there is none)."""
-    (plan, saved), act_backward = kept, EXPERT_ACTIVATIONS[activation][1]
-    (need_x, need_weights), (has_in_bias, has_out_bias) = need, has_bias
+def _expert_backward(ctx, grad_out) -> tuple:
+    """The gradients of ``GroupedExpertsFunction``'s call that ``ctx`` kept, in the compute dtype:
+    of the input and the routing weights (None where not needed), the projections and their biases
+    (None where there are none)."""
+    weights, token_idx, in_proj, out_proj = ctx.saved_tensors
+    activation, has_in_bias, has_out_bias, x_shape = ctx.meta
+    (plan, saved), act_backward = ctx.kept, EXPERT_ACTIVATIONS[activation][1]
+    need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_x = grad_out.new_zeros(x_shape) if need_x else None
     grad_weights = weights.new_empty(weights.shape) if need_weights else None
     # Gradients in the compute dtype (the parameters' own dtype may differ under autocast).
     grad_in_proj, grad_out_proj = grad_out.new_empty(in_proj.shape), grad_out.new_empty(out_proj.shape)
     grad_in_bias = grad_out.new_empty(in_proj.shape[:2]) if has_in_bias else None
     grad_out_bias = grad_out.new_empty(out_proj.shape[:2]) if has_out_bias else None
-    for (rows, blocks), (kept_blocks, y_chunk) in zip(plan.chunks, saved):
+    for (rows, blocks), (kept, y_chunk) in zip(plan.chunks, saved):
         gy_chunk = grad_out.index_select(0, token_idx[rows])  # (n_chunk, D_out)
         if need_weights:
             grad_weights[rows] = (gy_chunk * y_chunk).sum(-1)
         gy_chunk *= weights[rows, None]
         grad_x_chunk = []
-        for (block_rows, experts), (xs, h, act_gate, a, w_in, w_out) in zip(blocks, kept_blocks):
+        for (block_rows, experts), (xs, h, act_gate, a, w_in, w_out) in zip(blocks, kept):
             gy = plan.padded(gy_chunk[block_rows])  # (n', D_out): its zero rows add nothing below
             grad_out_proj = plan.weight_grad(gy, a, grad_out_proj, experts)
             grad_out_bias = plan.bias_grad(gy, grad_out_bias, experts)
