@@ -24,6 +24,8 @@ from vlmoe.training import load_config
 from vlmoe.training.checkpoint import complete_checkpoints, latest_checkpoint, save_checkpoint
 from vlmoe.training.optim import build_optimizer
 
+from test_moe import fake_trial_times
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = [
     "model.vision.img_size=32", "model.vision.embed_dim=32", "model.vision.depth=2", "model.vision.num_heads=2",
@@ -118,24 +120,15 @@ def test_resume_keeps_the_autotuned_expert_forms(shapes, tmp_path, monkeypatch):
     process that measured anew could pick the others. The checkpoint keeps each process's choices."""
     from vlmoe.moe import experts
 
-    def prefer(form: str, kernel: str) -> None:
-        def record(trial):
-            if trial.trials is not None:
-                trial.trials.seconds[trial.kernel].append(float(trial.kernel != kernel))
-
+    def prefer(form: str, kernel: str) -> None:  # in a process that has chosen nothing yet
         monkeypatch.setattr(experts, "_time_form", lambda choice, *args: float(choice != form))
-        monkeypatch.setattr(experts.KernelTrial, "record", record)
+        fake_trial_times(monkeypatch, lambda key, choice: float(choice != kernel))
 
-    monkeypatch.delenv(experts.FORM_ENV, raising=False)
-    monkeypatch.setattr(experts, "_chosen_forms", {})
-    monkeypatch.setattr(experts, "_trials", {})
     prefer("weight_first", "walk")
     small = ["data.batch_size=1"]  # blocks of a few rows, where the two forms round differently
     run_dir, expected = interrupted_run(shapes, tmp_path, *small)
     assert set(experts.chosen_forms().values()) == {"weight_first", "walk"}
-    monkeypatch.setattr(experts, "_chosen_forms", {})  # a new process, where the others measure faster
-    monkeypatch.setattr(experts, "_trials", {})
-    prefer("rows_first", "grouped_mm")
+    prefer("rows_first", "grouped_mm")  # a new process, where the others measure faster
     train_in_process(shapes, str(tmp_path), "run", "train.steps=6", "train.checkpoint_every=3", *small, "--resume", "auto")
     assert losses(run_dir) == expected  # every step, bit for bit
 
