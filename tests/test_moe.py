@@ -1376,6 +1376,22 @@ def test_bfloat16(expert_type, implementation, router):
         assert_close(g.float() / scale, grads32[name] / scale, **tol, msg=name)
 
 
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_router_computes_in_float32_under_autocast(router):
+    """bf16 autocast runs the experts in bf16 but not the router: the same float32 logits, routing
+    and aux losses as without autocast."""
+    layer = make_layer(dtype=torch.float32, num_experts=4, top_k=2, router=router)
+    x, modality = torch.randn(2, 8, DIM), two_modalities()
+    reference = layer.forward_with_aux(x, modality)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer.forward_with_aux(x, modality)
+    assert out.hidden_states.dtype == torch.bfloat16
+    assert out.router_logits.dtype == torch.float32
+    assert torch.equal(out.router_logits, reference.router_logits)
+    for field in ("load", "load_balance_loss", "z_loss"):
+        assert torch.equal(getattr(out, field), getattr(reference, field)), field
+
+
 @pytest.mark.parametrize("expert_type", ["swiglu", "gelu"])
 def test_loop_and_grouped_agree_under_bf16_autocast(expert_type):
     """float32 weights and inputs under CPU bf16 autocast: both implementations compute in bf16 and

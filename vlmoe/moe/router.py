@@ -1,7 +1,7 @@
 """Routers: logits, weights and indices for each position, modality aware.
 
 Notable choices:
-- Router math runs in float32 whatever the activations' dtype.
+- Router math runs in float32 whatever the activations' dtype, under autocast too.
 - ``per_modality`` mode computes every modality's logits in one matmul and keeps each
   position's own row; ``partitioned`` mode masks the logits of experts reserved to other
   modalities with ``-inf``, so they get zero probability and are never selected.
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MoEConfig
-from .experts import Dispatch
+from .experts import Dispatch, autocast_off
 
 
 @dataclass
@@ -90,9 +90,12 @@ class Router(nn.Module, ABC):
 
     def forward(self, x: Tensor, modality: Tensor, sequences: int = 1) -> RouterOutput:
         """``sequences``: how many equal sequences the ``T`` positions hold, back to back."""
-        logits = self.logits(x, modality)
-        probs = logits.softmax(dim=-1)
-        weights, indices = self.select(probs, sequences)
+        # Autocast would run the logits' matmul in bf16/fp16: routing, aux losses and statistics
+        # come from float32 under it too.
+        with autocast_off(x.device.type):
+            logits = self.logits(x, modality)
+            probs = logits.softmax(dim=-1)
+            weights, indices = self.select(probs, sequences)
         return RouterOutput(logits, probs, weights, indices)
 
     @abstractmethod
