@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -14,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from vlmoe import VLMoEConfig, VLMoEForConditionalGeneration, VLMoEProcessor, build_model, train_tokenizer
 from vlmoe.model.modeling import shared_image_position_ids, target_weights
+from vlmoe.model.towers import decoder_layers
 
 TEXTS = ["a large red circle left of a small blue square", "Question: what color is it? Answer: red", "yes no 1 2 3"]
 VISION = dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, crop_pct=1.0)
@@ -168,6 +170,32 @@ def test_generate_with_cache_equals_uncached_greedy(tokenizer, template, positio
             ids = torch.cat([ids, next_token], dim=1)
             mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
     assert torch.equal(generated, ids)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_generate_under_autocast_casts_each_expert_parameter_once(tokenizer, monkeypatch, batch_size):
+    """``generate`` keeps the experts' bf16 casts for the call (``reused_casts``): the same tokens as
+    casting at every step, and no cast made again after the prefill."""
+    from vlmoe.moe import experts as experts_module
+
+    model, processor = build(tokenizer)
+    batch = processor.generation_batch(images(batch_size), [processor.prompt()] * batch_size)
+    kept = []  # at each decoder forward, after its first MoE layer
+    decoder_layers(model.language_model)[0].mlp.register_forward_hook(
+        lambda *_: kept.append(set(experts_module._casts or ()))
+    )
+
+    def generate():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+
+    reused = generate()
+    # The prefill casts every layer's experts, each parameter once; the steps after it cast nothing more.
+    layers = {id(layer): layer for layers in model.moe_layers().values() for layer in layers}.values()
+    assert {key[0] for key in kept[1]} == {id(p) for layer in layers for p in layer.experts.parameters()}
+    assert len(kept) == 4 and kept[0] and kept[0] <= kept[1] == kept[2] == kept[3] and experts_module._casts is None
+    monkeypatch.setattr("vlmoe.model.modeling.reused_casts", contextlib.nullcontext)
+    assert torch.equal(generate(), reused)
 
 
 @pytest.mark.parametrize("positions", ["shared", "sequential"])

@@ -1392,6 +1392,31 @@ def test_router_computes_in_float32_under_autocast(router):
         assert torch.equal(getattr(out, field), getattr(reference, field)), field
 
 
+@pytest.mark.parametrize("positions", [1, 6])  # the straight path and the grouped kernel
+@pytest.mark.parametrize("expert_type", ["swiglu", "gelu"])
+def test_reused_casts_compute_what_casting_each_call_does(positions, expert_type):
+    """Inside ``reused_casts()`` (no gradient, bf16 autocast) each expert parameter is cast once and kept
+    while unchanged: the same output as casting each call's slices, bit for bit; an in-place change is
+    cast again; with gradients the context changes nothing."""
+    layer = make_layer(dtype=torch.float32, num_experts=4, top_k=2, expert_type=expert_type)
+    x = torch.randn(positions, DIM)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = layer(x, 1)
+        with experts_module.reused_casts():
+            first, again = layer(x, 1), layer(x, 1)
+            kept = dict(experts_module._casts)
+            layer.experts.in_proj.mul_(2)
+            changed = layer(x, 1)
+        assert experts_module._casts is None
+        expected_changed = layer(x, 1)
+    assert torch.equal(first, expected) and torch.equal(again, expected)
+    assert {key[0] for key in kept} == {id(p) for p in layer.experts.parameters()}  # each cast once, whole
+    assert torch.equal(changed, expected_changed) and not torch.equal(changed, expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16), experts_module.reused_casts():
+        layer(x, 1).float().sum().backward()
+    assert layer.experts.in_proj.grad is not None and layer.experts.in_proj.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("expert_type", ["swiglu", "gelu"])
 def test_loop_and_grouped_agree_under_bf16_autocast(expert_type):
     """float32 weights and inputs under CPU bf16 autocast: both implementations compute in bf16 and

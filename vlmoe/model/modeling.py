@@ -29,6 +29,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..moe import PADDING, MoELayer, MoEOutput, moe_layers_of, moe_scope
+from ..moe.experts import reused_casts
 from .config import VLMoEConfig
 from .towers import Projector, VisionTower, build_decoder, decoder_layers, dense_mlps, place_moe_layers
 
@@ -220,6 +221,12 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         routing = self._routing(vision_records, decoder_records)
         losses = self._losses(out.logits, labels, routing, image_embeds, pixel_values, num_items_in_batch, label_weights)
         return VLMoEOutput(**out, routing=routing, **losses)
+
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate``; under autocast each expert parameter is cast once for the call,
+        as autocast does for the dense weights (``reused_casts``)."""
+        with reused_casts():
+            return super().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, *args, **kwargs) -> dict:
         """transformers' own, with shared image positions numbered over the whole sequence so far

@@ -42,7 +42,7 @@ import math
 import os
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -242,6 +242,40 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+# Autocast keeps its bf16/fp16 copy of a parameter for its whole region, so a dense layer's weights are
+# cast once per ``generate``; an expert reads a slice of its ``[E, ...]`` parameter, which autocast does
+# not keep, so each call casts its experts again. Inside ``reused_casts()``, without gradients
+# (``generate`` opens one), each parameter is cast whole once and sliced while it is unchanged.
+# (id, version, dtype) -> (the parameter, its cast), while open; holding the parameter keeps its id from being
+# reused by another tensor (an FSDP unit's gathered weights, say) while the context lasts.
+_casts: dict[tuple[int, int, torch.dtype], tuple[Tensor, Tensor]] | None = None
+
+
+@contextmanager
+def reused_casts():
+    """Within it, each expert parameter is cast to the compute dtype once and reused while unchanged."""
+    global _casts
+    outer = _casts
+    _casts = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _casts = outer
+
+
+def expert_weights(t: Tensor | None, experts: slice | int, dtype: torch.dtype | None = None) -> Tensor | None:
+    """``t[experts]`` in ``dtype`` (default: its own): sliced from a cast of the whole parameter kept by
+    ``reused_casts()`` where one is open, else the slice cast alone."""
+    if t is None:
+        return None
+    if dtype in (None, t.dtype) or _casts is None or torch.is_grad_enabled():  # a kept cast has no gradient
+        return t[experts].to(dtype or t.dtype)
+    key = (id(t), t._version, dtype)
+    if key not in _casts:
+        _casts[key] = (t, t.detach().to(dtype))
+    return _casts[key][1][experts]
+
+
 def _check_activation(name: str) -> None:
     if name not in EXPERT_ACTIVATIONS:
         raise ValueError(f"activation={name!r} is not one of {list(EXPERT_ACTIVATIONS)}")
@@ -341,19 +375,26 @@ class Experts(nn.Module):
         """One position ``x`` ``(1, D_in)`` through its experts ``indices`` with ``weights`` (both
         ``(1, k)``), straight: at batch-1 decoding the sort, gather and scatter of a dispatch cost
         more than the experts' matmuls. Returns ``(1, D_out)``."""
-        ys = torch.cat([self.expert(e, x) for e in indices[0].tolist()])  # (k, D_out)
-        return torch.mm(weights.to(ys.dtype), ys)
+        dtype = compute_dtype(x)
+        with autocast_off(x.device.type):  # cast here, each weight through expert_weights
+            x = x.to(dtype)
+            ys = torch.cat([self.expert(e, x, dtype) for e in indices[0].tolist()])  # (k, D_out)
+            return torch.mm(weights.to(dtype), ys)
 
-    def expert(self, e: int, x: Tensor) -> Tensor:
-        """Expert ``e`` on the rows ``x``, plain autograd (the loop reference)."""
+    def expert(self, e: int, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """Expert ``e`` on the rows ``x``, plain autograd (the loop reference); its weights in ``dtype``
+        where given (``expert_weights``)."""
         act = EXPERT_ACTIVATIONS[self.activation][0]
-        h = F.linear(x, self.in_proj[e], None if self.in_bias is None else self.in_bias[e])
+        w_in, b_in, w_out, b_out = (
+            expert_weights(t, e, dtype) for t in (self.in_proj, self.in_bias, self.out_proj, self.out_bias)
+        )
+        h = F.linear(x, w_in, b_in)
         if self.gated:
             gate, value = h.chunk(2, dim=-1)
             h = act(gate) * value
         else:
             h = act(h)
-        return F.linear(h, self.out_proj[e], None if self.out_bias is None else self.out_bias[e])
+        return F.linear(h, w_out, b_out)
 
     def _forward_loop(self, x: Tensor, dispatch: Dispatch) -> Tensor:
         out = x.new_zeros(x.shape[0], self.out_proj.shape[1], dtype=compute_dtype(x))
@@ -621,7 +662,7 @@ def _expert_forward(
         ys, kept = [], []
         for block_rows, experts in blocks:
             w_in, b_in, w_out, b_out = (
-                None if t is None else t[experts].to(x.dtype) for t in (in_proj, in_bias, out_proj, out_bias)
+                expert_weights(t, experts, x.dtype) for t in (in_proj, in_bias, out_proj, out_bias)
             )
             xs = plan.padded(x_chunk[block_rows])  # (n', D_in), n' >= n (zero rows after n)
             h = plan.linear(xs, w_in, b_in)  # (n', G*H)
