@@ -1405,12 +1405,15 @@ def test_reused_casts_compute_what_casting_each_call_does(positions, expert_type
         with experts_module.reused_casts():
             first, again = layer(x, 1), layer(x, 1)
             kept = dict(experts_module._casts)
+            experts_module.expert_weights(layer.experts.in_proj * 1, 0, torch.bfloat16)  # not a parameter: not kept
+            assert experts_module._casts == kept
             layer.experts.in_proj.mul_(2)
             changed = layer(x, 1)
+            assert len(experts_module._casts) == len(kept)  # the new cast replaced the old
         assert experts_module._casts is None
         expected_changed = layer(x, 1)
     assert torch.equal(first, expected) and torch.equal(again, expected)
-    assert {key[0] for key in kept} == {id(p) for p in layer.experts.parameters()}  # each cast once, whole
+    assert set(kept) == {id(p) for p in layer.experts.parameters()}  # each cast once, whole
     assert torch.equal(changed, expected_changed) and not torch.equal(changed, expected)
     with torch.autocast("cpu", dtype=torch.bfloat16), experts_module.reused_casts():
         layer(x, 1).float().sum().backward()

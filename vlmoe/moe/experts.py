@@ -245,10 +245,11 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 # Autocast keeps its bf16/fp16 copy of a parameter for its whole region, so a dense layer's weights are
 # cast once per ``generate``; an expert reads a slice of its ``[E, ...]`` parameter, which autocast does
 # not keep, so each call casts its experts again. Inside ``reused_casts()``, without gradients
-# (``generate`` opens one), each parameter is cast whole once and sliced while it is unchanged.
-# (id, version, dtype) -> (the parameter, its cast), while open; holding the parameter keeps its id from being
-# reused by another tensor (an FSDP unit's gathered weights, say) while the context lasts.
-_casts: dict[tuple[int, int, torch.dtype], tuple[Tensor, Tensor]] | None = None
+# (``generate`` opens one), each parameter is cast whole once and sliced while it is unchanged. Only
+# parameters: a weight computed at each call (a LoRA parametrization) is a new tensor every time.
+# id -> (the parameter, its version, its cast), while open; holding the parameter keeps its id from
+# being reused by another tensor while the context lasts; one cast per parameter.
+_casts: dict[int, tuple[nn.Parameter, int, Tensor]] | None = None
 
 
 @contextmanager
@@ -268,12 +269,13 @@ def expert_weights(t: Tensor | None, experts: slice | int, dtype: torch.dtype | 
     ``reused_casts()`` where one is open, else the slice cast alone."""
     if t is None:
         return None
-    if dtype in (None, t.dtype) or _casts is None or torch.is_grad_enabled():  # a kept cast has no gradient
+    keep = _casts is not None and isinstance(t, nn.Parameter) and not torch.is_grad_enabled()  # no gradient through it
+    if dtype in (None, t.dtype) or not keep:
         return t[experts].to(dtype or t.dtype)
-    key = (id(t), t._version, dtype)
-    if key not in _casts:
-        _casts[key] = (t, t.detach().to(dtype))
-    return _casts[key][1][experts]
+    entry = _casts.get(id(t))
+    if entry is None or entry[1] != t._version or entry[2].dtype != dtype:
+        entry = _casts[id(t)] = (t, t._version, t.detach().to(dtype))
+    return entry[2][experts]
 
 
 def _check_activation(name: str) -> None:
