@@ -270,8 +270,10 @@ def expert_weights(t: Tensor | None, experts: slice | int, dtype: torch.dtype | 
     if t is None:
         return None
     keep = _casts is not None and isinstance(t, nn.Parameter) and not torch.is_grad_enabled()  # no gradient through it
-    if dtype in (None, t.dtype) or not keep:
-        return t[experts].to(dtype or t.dtype)
+    if dtype in (None, t.dtype):
+        return t[experts]  # no ``to``: one op fewer per weight on the decode path
+    if not keep:
+        return t[experts].to(dtype)
     entry = _casts.get(id(t))
     if entry is None or entry[1] != t._version or entry[2].dtype != dtype:
         entry = _casts[id(t)] = (t, t._version, t.detach().to(dtype))
