@@ -24,6 +24,7 @@ from vlmoe.moe import (
 )
 from vlmoe.moe import experts as experts_module
 from vlmoe.moe.experts import GroupedExpertsFunction
+from vlmoe.moe.layer import flat_modality
 from vlmoe.moe.router import TokenChoiceRouter
 
 F64 = torch.float64
@@ -1000,6 +1001,19 @@ def test_jitter_noise_only_while_training():
     assert not torch.allclose(layer.forward_with_aux(x, 0).router_logits, plain.forward_with_aux(x, 0).router_logits)
 
 
+def test_dropout_only_while_training():
+    torch.manual_seed(0)
+    layer = MoELayer(DIM, HIDDEN, drop=0.5, config=MoEConfig(num_experts=4, top_k=2), dtype=F64)
+    x = torch.randn(2, 8, DIM, dtype=F64)
+    layer.eval()
+    plain = layer(x, 0)
+    layer.train()
+    dropped = layer(x, 0)
+    zero = dropped == 0
+    assert 0 < zero.float().mean() < 1  # some features dropped, the others scaled by 1 / (1 - p)
+    assert_close(dropped[~zero], plain[~zero] * 2)
+
+
 # ------------------------------------------------------------------------------ 7. errors
 
 
@@ -1171,6 +1185,31 @@ def test_moe_scope_collects_and_routes_by_modality():
     assert records[1].tokens.tolist() == torch.bincount(modality.reshape(-1)).tolist()
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_one_modality_is_scored_by_its_router_alone(mode, router):
+    """Positions of one modality (an int, or a tensor holding one value, padding aside) are routed by
+    that modality's router alone, with the logits the per-position pick gives."""
+    layer = make_layer(**MODES[mode], top_k=2, modality_mode=mode, router=router)
+    x = torch.randn(2, 8, DIM, dtype=F64)
+    for m in (0, 1):
+        every = torch.full((2, 8), m)
+        assert flat_modality(every, every.shape, x.device).single == m
+        assert_close(layer.router.logits(x.view(16, DIM), m), layer.router.logits(x.view(16, DIM), every.view(-1)))
+        alone = layer.forward_with_aux(x, m)
+        assert_close(alone.hidden_states, layer(x, every))
+        assert_close(alone.router_logits, layer.forward_with_aux(x, every).router_logits)
+        if mode == "partitioned":  # another modality's experts stay out of reach
+            blocked = ~torch.tensor(layer.config.allowed_experts()[m])
+            assert alone.router_logits[:, blocked].eq(float("-inf")).all()
+    # Which single modality a tensor holds: padding aside, none where two occur.
+    mixed = two_modalities()
+    assert flat_modality(mixed, mixed.shape, x.device).single is None
+    assert flat_modality(_padded(torch.ones(2, 8, dtype=torch.long)), mixed.shape, x.device).single == 1
+    assert flat_modality(torch.full((2, 8), PADDING), mixed.shape, x.device).single is None
+    assert flat_modality(0, mixed.shape, x.device).single == 0
+
+
 def test_moe_scope_nests_and_restores_on_error():
     model, first, second = _two_layer_model()
     x = torch.randn(2, 5, DIM, dtype=F64)
@@ -1307,9 +1346,10 @@ def count_host_reads(monkeypatch) -> list[str]:
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "one_modality"])
 @pytest.mark.parametrize("blocks", ["per_expert", "grouped_mm"])
 def test_host_syncs_per_tower_forward(monkeypatch, blocks, padded):
-    """A tower of MoE layers reads device values on the host once per forward to find padding
-    (none for one int modality) and once per layer to walk the experts on CPU (none with
-    grouped_mm, whose offsets stay on the device); losses and backward read none."""
+    """A tower of MoE layers reads device values on the host once per forward to find the modalities
+    present and once more to find padding where there is some (none for one int modality), and once
+    per layer to walk the experts on CPU (none with grouped_mm, whose offsets stay on the device);
+    losses and backward read none."""
     if blocks == "grouped_mm":
         if not hasattr(F, "grouped_mm"):
             pytest.skip("torch without grouped_mm")
@@ -1329,7 +1369,7 @@ def test_host_syncs_per_tower_forward(monkeypatch, blocks, padded):
     loss.backward()
     monkeypatch.undo()
     per_layer = len(layers) if blocks == "per_expert" else 0
-    assert forward_reads == ["nonzero"] * padded + ["tolist"] * per_layer
+    assert forward_reads == ["tolist", "nonzero"] * padded + ["tolist"] * per_layer
     assert calls == forward_reads  # the losses and the backward read nothing
     assert_close(y, expected, atol=0, rtol=0)
     assert [r.tokens.tolist() for r in records] == [r.tokens.tolist() for r in expected_records]

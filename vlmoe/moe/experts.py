@@ -236,6 +236,12 @@ def autocast_off(device_type: str):
     return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
 
 
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without dispatching an op where ``t`` is in ``dtype`` already (a batch-1 decode
+    step's layer call runs a few dozen small ops; each costs microseconds)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the experts compute in: autocast's where it is on, else the input's."""
     device = x.device.type
@@ -269,10 +275,9 @@ def expert_weights(t: Tensor | None, experts: slice | int, dtype: torch.dtype | 
     ``reused_casts()`` where one is open, else the slice cast alone."""
     if t is None:
         return None
-    keep = _casts is not None and isinstance(t, nn.Parameter) and not torch.is_grad_enabled()  # no gradient through it
     if dtype in (None, t.dtype):
         return t[experts]  # no ``to``: one op fewer per weight on the decode path
-    if not keep:
+    if _casts is None or not isinstance(t, nn.Parameter) or torch.is_grad_enabled():  # no cast to keep
         return t[experts].to(dtype)
     entry = _casts.get(id(t))
     if entry is None or entry[1] != t._version or entry[2].dtype != dtype:
@@ -370,7 +375,7 @@ class Experts(nn.Module):
             return self._forward_loop(x, dispatch)
         if self.implementation == "grouped":
             return grouped_experts(
-                x, dispatch.weights.to(x.dtype), dispatch.token_idx, dispatch.counts,
+                x, as_dtype(dispatch.weights, x.dtype), dispatch.token_idx, dispatch.counts,
                 self.in_proj, self.in_bias, self.out_proj, self.out_bias, self.gated, self.activation,
             )
         raise ValueError(f"implementation={self.implementation!r} is not one of ['grouped', 'loop']")
@@ -381,24 +386,21 @@ class Experts(nn.Module):
         more than the experts' matmuls. Returns ``(1, D_out)``."""
         dtype = compute_dtype(x)
         with autocast_off(x.device.type):  # cast here, each weight through expert_weights
-            x = x.to(dtype)
-            ys = torch.cat([self.expert(e, x, dtype) for e in indices[0].tolist()])  # (k, D_out)
-            return torch.mm(weights.to(dtype), ys)
+            x = as_dtype(x, dtype)
+            ys = torch.cat([self.expert(e, x, dtype) for e in indices.tolist()[0]])  # (k, D_out)
+            return torch.mm(as_dtype(weights, dtype), ys)
 
     def expert(self, e: int, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """Expert ``e`` on the rows ``x``, plain autograd (the loop reference); its weights in ``dtype``
         where given (``expert_weights``)."""
         act = EXPERT_ACTIVATIONS[self.activation][0]
-        w_in, b_in, w_out, b_out = (
-            expert_weights(t, e, dtype) for t in (self.in_proj, self.in_bias, self.out_proj, self.out_bias)
-        )
-        h = F.linear(x, w_in, b_in)
+        h = F.linear(x, expert_weights(self.in_proj, e, dtype), expert_weights(self.in_bias, e, dtype))
         if self.gated:
             gate, value = h.chunk(2, dim=-1)
             h = act(gate) * value
         else:
             h = act(h)
-        return F.linear(h, w_out, b_out)
+        return F.linear(h, expert_weights(self.out_proj, e, dtype), expert_weights(self.out_bias, e, dtype))
 
     def _forward_loop(self, x: Tensor, dispatch: Dispatch) -> Tensor:
         out = x.new_zeros(x.shape[0], self.out_proj.shape[1], dtype=compute_dtype(x))
@@ -642,7 +644,7 @@ def _in_compute_dtype(x, weights, *args, keep: bool) -> tuple[Tensor, tuple | No
     follows, to be timed as well)."""
     dtype = compute_dtype(x)
     with autocast_off(x.device.type):
-        args = (x.to(dtype), weights.to(dtype), *args)
+        args = (as_dtype(x, dtype), as_dtype(weights, dtype), *args)
         trial = _kernel(args, backward=keep)
         with trial:
             out, kept = _expert_forward(*args, grouped=trial.kernel == "grouped_mm", keep=keep)

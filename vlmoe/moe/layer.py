@@ -13,15 +13,19 @@ Notable choices:
 - Padding is not data: positions whose modality is ``PADDING`` are removed before the router,
   so no expert computes them and no loss, statistic or capacity counts them; their output is 0
   (the residual passes them through). The model marks them from the attention mask. Finding
-  them reads the mask on the host: ``moe_scope`` does it once per forward for every layer of
-  the tower (and not at all for a modality given as one int).
+  them reads the modality on the host: ``moe_scope`` does it once per forward for every layer of
+  the tower (and not at all for a modality given as one int). Where every data position has
+  one modality (an image tower, a decode step), the router scores with that modality's router
+  alone, without picking each position's row.
 - Host syncs: none in the grouped_mm path (CUDA), one per layer call in the per-expert walk (it
   reads the group sizes); counts use ``router.count``, not CUDA's syncing ``bincount``. On CPU,
   where a host read waits for nothing, the kernel choice also counts the experts touched.
 - Batch-1 decoding on CPU: a single position goes straight to its k experts (their ids read on
-  the host, ``Experts.forward_position``): no sort, gather or scatter; the layer call runs about
-  half the ops (36 against 68 at top-2). The routing statistics are then found from the router's
-  output only if read.
+  the host, ``Experts.forward_position``): no sort, gather or scatter; the layer call runs 26
+  top-level ops against 43 through a dispatch (top-2, torch's profiler). A decode step's time
+  goes mostly to such small ops, so the path dispatches none it can skip (a cast to the dtype a
+  tensor has, eval-mode dropout). The routing statistics are then found from the router's output
+  only if read.
 - Aux losses: the Switch load-balancing loss (Fedus et al. 2021, eq. 4, in the top-k form
   transformers' ``load_balancing_loss_func`` uses) computed per modality over the experts the
   modality may use and averaged over the modalities present; the router z-loss
@@ -34,7 +38,7 @@ import dataclasses
 import math
 from contextlib import contextmanager
 from functools import cached_property
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -134,18 +138,35 @@ class MoEOutput:
         return dropped / self._counts.sum(-1).clamp(min=1)
 
 
-def flat_modality(modality: Tensor | int, lead_shape: torch.Size, device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """The modality of the data positions ``(T_data,)`` and their indices among the ``T`` positions
-    of ``lead_shape`` (None when every position is data). A tensor costs one host sync (finding
-    the padding); one int for all positions costs none."""
+class Modality(NamedTuple):
+    """Where a layer call's positions come from, resolved on the host once per ``moe_scope``.
+
+    Attributes:
+        per_position: ``(T_data,)`` the modality of each data position.
+        data: the data positions' indices among all ``T`` (None when every position is data).
+        single: the one modality of every data position, where there is one (None otherwise): the
+            router then scores them with that modality's router alone, no per-position gather.
+    """
+
+    per_position: Tensor
+    data: Tensor | None
+    single: int | None
+
+
+def flat_modality(modality: Tensor | int, lead_shape: torch.Size, device: torch.device) -> Modality:
+    """The ``Modality`` of the positions of ``lead_shape``. A tensor costs one host sync (which
+    modalities occur, padding included) and one more where there is padding (finding it); one int
+    for all positions costs none."""
     if not isinstance(modality, Tensor):
         flat = torch.full((lead_shape.numel(),), int(modality), dtype=torch.long, device=device)
-        return (flat, None) if modality != PADDING else (flat[:0], flat[:0])
+        return Modality(flat, None, int(modality)) if modality != PADDING else Modality(flat[:0], flat[:0], None)
     flat = modality.to(device=device, dtype=torch.long).expand(lead_shape).reshape(-1)  # (T,)
-    data = (flat != PADDING).nonzero().squeeze(1)  # the sync
-    if data.numel() == flat.numel():
-        return flat, None
-    return flat[data], data
+    values = flat.unique().tolist()  # the sync
+    if PADDING not in values:
+        return Modality(flat, None, values[0] if len(values) == 1 else None)
+    values.remove(PADDING)
+    data = (flat != PADDING).nonzero().squeeze(1)
+    return Modality(flat[data], data, values[0] if len(values) == 1 else None)
 
 
 class ScopeModality:
@@ -154,9 +175,9 @@ class ScopeModality:
 
     def __init__(self, modality: Tensor | int):
         self.modality = modality
-        self._resolved: dict[tuple, tuple[Tensor, Tensor | None]] = {}
+        self._resolved: dict[tuple, Modality] = {}
 
-    def resolve(self, lead_shape: torch.Size, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    def resolve(self, lead_shape: torch.Size, device: torch.device) -> Modality:
         key = (tuple(lead_shape), device)
         if key not in self._resolved:
             self._resolved[key] = flat_modality(self.modality, lead_shape, device)
@@ -241,14 +262,14 @@ class MoELayer(nn.Module):
         """
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, D)
-        modality, data = self._modality(modality, shape[:-1], x.device)  # (T_data,)
+        modality, data, single = self._modality(modality, shape[:-1], x.device)  # (T_data,)
         if data is not None:
             if not isinstance(self.router, TokenChoiceRouter):
                 # Expert choice ranks whole sequences; removing padding would mix them.
                 raise ValueError("moe.router='expert_choice' takes no padding positions (modality PADDING)")
             x = x.index_select(0, data)  # (T_data, D)
         sequences = math.prod(shape[:-2])  # expert choice ranks within each (never padded) sequence
-        router_out = self.router(x, modality, sequences)
+        router_out = self.router(x, modality if single is None else single, sequences)
         assignments = None  # one position: found from router_out only if statistics are read
         if self._goes_straight(x):
             y = self.experts.forward_position(x, router_out.weights, router_out.indices)
@@ -260,7 +281,9 @@ class MoELayer(nn.Module):
             y = y + self.shared_experts(x)
         if data is not None:
             y = y.new_zeros(shape[:-1].numel(), y.shape[-1]).index_copy(0, data, y)  # (T, D_out), 0 at padding
-        y = self.drop(y).view(*shape[:-1], -1)
+        if self.training and self.drop.p > 0:  # nn.Dropout is the identity otherwise: a module call saved
+            y = self.drop(y)
+        y = y.view(*shape[:-1], -1)
         return MoEOutput(y, self.router, router_out, modality, assignments)
 
     def _goes_straight(self, x: Tensor) -> bool:
@@ -268,10 +291,8 @@ class MoELayer(nn.Module):
         token_choice = isinstance(self.router, TokenChoiceRouter)
         return x.shape[0] == 1 and x.device.type == "cpu" and token_choice and self.experts.implementation == "grouped"
 
-    def _modality(
-        self, modality: Tensor | int | None, lead_shape: torch.Size, device: torch.device
-    ) -> tuple[Tensor, Tensor | None]:
-        """The data positions' modality and indices (``flat_modality``), from the scope if it gives them."""
+    def _modality(self, modality: Tensor | int | None, lead_shape: torch.Size, device: torch.device) -> Modality:
+        """The positions' ``Modality`` (``flat_modality``), from the scope if it gives them."""
         if modality is None and self._scope is not None:
             return self._scope[0].resolve(lead_shape, device)
         if modality is None:

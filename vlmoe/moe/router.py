@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MoEConfig
-from .experts import Dispatch, autocast_off
+from .experts import Dispatch, as_dtype, autocast_off
 
 
 @dataclass
@@ -73,22 +73,26 @@ class Router(nn.Module, ABC):
             return None
         return ~torch.tensor(self.config.allowed_experts(), device=device)
 
-    def logits(self, x: Tensor, modality: Tensor) -> Tensor:
-        """``x``: ``(T, D)``, ``modality``: ``(T,)`` ints. Returns float32 ``(T, E)``."""
+    def logits(self, x: Tensor, modality: Tensor | int) -> Tensor:
+        """``x``: ``(T, D)``, ``modality``: ``(T,)`` ints, or one int for every position. Returns float32 ``(T, E)``."""
         if self.training and self.config.jitter_noise > 0:
             eps = self.config.jitter_noise
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
         num_routers, num_experts, dim = self.weight.shape
-        logits = F.linear(x.float(), self.weight.float().view(num_routers * num_experts, dim))
-        if num_routers > 1:
-            logits = logits.view(-1, num_routers, num_experts)  # (T, M, E)
-            logits = logits.gather(1, modality.view(-1, 1, 1).expand(-1, 1, num_experts)).squeeze(1)
+        weight, x = as_dtype(self.weight, torch.float32), as_dtype(x, torch.float32)
+        if isinstance(modality, int):  # one modality: its own router alone
+            logits = F.linear(x, weight[modality if num_routers > 1 else 0])
+        else:
+            logits = F.linear(x, weight.view(num_routers * num_experts, dim))
+            if num_routers > 1:
+                logits = logits.view(-1, num_routers, num_experts)  # (T, M, E)
+                logits = logits.gather(1, modality.view(-1, 1, 1).expand(-1, 1, num_experts)).squeeze(1)
         blocked = self.blocked(logits.device)
         if blocked is not None:
             logits = logits.masked_fill(blocked[modality], float("-inf"))
         return logits  # (T, E)
 
-    def forward(self, x: Tensor, modality: Tensor, sequences: int = 1) -> RouterOutput:
+    def forward(self, x: Tensor, modality: Tensor | int, sequences: int = 1) -> RouterOutput:
         """``sequences``: how many equal sequences the ``T`` positions hold, back to back."""
         # Autocast would run the logits' matmul in bf16/fp16: routing, aux losses and statistics
         # come from float32 under it too.
