@@ -1487,6 +1487,9 @@ def test_builds_on_meta_device():
         "router.weight", "experts.in_proj", "experts.out_proj",
         "shared_experts.fc_in.weight", "shared_experts.fc_out.weight",
     }
+    # Routing reads values (which experts, how many rows): a forward on meta says so.
+    with pytest.raises(ValueError, match="meta"):
+        layer(torch.empty(2, 5, DIM, device="meta"), 0)
 
 
 @pytest.mark.gpu

@@ -260,6 +260,9 @@ class MoELayer(nn.Module):
         Expert choice picks within each sequence (``x.shape[-2]`` positions), so an
         image's routing does not depend on its batch-mates.
         """
+        if x.is_meta:
+            raise ValueError("MoELayer on the meta device: routing reads values (the experts each position goes to), "
+                             "which meta tensors do not hold; run a MoE model's forward on a real device")
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, D)
         modality, data, single = self._modality(modality, shape[:-1], x.device)  # (T_data,)
