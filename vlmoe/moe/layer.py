@@ -139,7 +139,7 @@ class MoEOutput:
 
 
 class Modality(NamedTuple):
-    """Where a layer call's positions come from, resolved on the host once per ``moe_scope``.
+    """The modality of a layer call's positions, resolved on the host (once per ``moe_scope`` and shape).
 
     Attributes:
         per_position: ``(T_data,)`` the modality of each data position.
