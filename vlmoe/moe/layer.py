@@ -161,12 +161,12 @@ def flat_modality(modality: Tensor | int, lead_shape: torch.Size, device: torch.
         flat = torch.full((lead_shape.numel(),), int(modality), dtype=torch.long, device=device)
         return Modality(flat, None, int(modality)) if modality != PADDING else Modality(flat[:0], flat[:0], None)
     flat = modality.to(device=device, dtype=torch.long).expand(lead_shape).reshape(-1)  # (T,)
-    values = flat.unique().tolist()  # the sync
-    if PADDING not in values:
-        return Modality(flat, None, values[0] if len(values) == 1 else None)
-    values.remove(PADDING)
-    data = (flat != PADDING).nonzero().squeeze(1)
-    return Modality(flat[data], data, values[0] if len(values) == 1 else None)
+    values, data = flat.unique().tolist(), None  # the sync
+    if PADDING in values:
+        values.remove(PADDING)
+        data = (flat != PADDING).nonzero().squeeze(1)
+        flat = flat[data]
+    return Modality(flat, data, values[0] if len(values) == 1 else None)
 
 
 class ScopeModality:
