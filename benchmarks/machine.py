@@ -89,10 +89,12 @@ def allocator_env(name: str) -> dict[str, str]:
 
 
 def run_per_allocator(script: str, argv: list[str], allocators: list[str]) -> list[dict]:
-    """Run ``script argv --in-process --json`` once per allocator setting; the merged JSON records."""
+    """Run ``script argv`` (which prints a JSON record or a list of them) once per allocator setting;
+    the merged records."""
     records = []
     for name in allocators:
-        command = [sys.executable, script, *argv, "--in-process", "--json"]
-        out = subprocess.run(command, env=allocator_env(name), check=True, stdout=subprocess.PIPE, text=True)
-        records += json.loads(out.stdout)
+        out = subprocess.run([sys.executable, script, *argv], env=allocator_env(name), check=True,
+                             stdout=subprocess.PIPE, text=True)
+        printed = json.loads(out.stdout)
+        records += printed if isinstance(printed, list) else [printed]
     return records

@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         records = measure(args)
     else:
         child_argv = ["--shapes", *args.shapes, "--dtype", *args.dtype, "--repeats", str(args.repeats),
-                      "--warmup", str(args.warmup), "--threads", str(args.threads)]
+                      "--warmup", str(args.warmup), "--threads", str(args.threads), "--in-process", "--json"]
         records = run_per_allocator(__file__, child_argv, args.allocator)
     if args.json:
         print(json.dumps(records, indent=1))

@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --dtype float32 bfloat16     # CPU, bf16 autocast beside fp32
     python benchmarks/throughput.py --compile                    # + torch.compile'd train steps
     python benchmarks/throughput.py --device cuda                # GPU, bf16 autocast
+    python benchmarks/throughput.py --markdown docs/results/throughput_cpu_amd_epyc_avx2_<commit>.json  # README table
 
 Models come from ``configs/tiny.yaml`` and ``configs/tiny-dense.yaml`` (random weights; the
 tokenizer is trained on generated prompts, captions and answers, as a run is), inputs are
@@ -28,7 +29,14 @@ the same machine state.
   ``Experts.forward`` is excluded from compilation), and the model's other data-dependent
   steps (padding lookup, image-token count) are graph breaks. Captioning is timed eagerly only.
 
-Prints JSON: machine fields, then per dtype, per model its ``parameters``, ``train_step_ms``
+On CPU, each allocator setting (``benchmarks/machine.py``: glibc's default; ``reuse``, glibc keeping
+freed memory; ``thp``, transparent huge pages where the kernel allows them) runs in a child process
+of its own, as in ``benchmarks/moe_layer.py``: the models' intermediates are megabytes, fresh pages
+to fault in on every step under glibc's default, and the two models allocate differently, so a
+ratio can move with the setting. Ratios are taken within one process, never across settings.
+
+Prints a JSON list, one record per allocator setting: machine fields (``allocator`` among them),
+then per dtype, per model its ``parameters``, ``train_step_ms``
 (and the medians of its parts, ``train_forward_ms``, ``train_backward_ms``,
 ``train_optimizer_ms``: AdamW's time follows the parameters, all experts', not the active ones),
 ``train_samples_per_s`` (with ``--compile``: ``train_step_ms_compiled`` and the compiled / eager
@@ -55,7 +63,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import ALLOCATORS, available_allocators, describe, run_per_allocator  # noqa: E402
 from data_scripts.make_shapes import draw_scene, make_captions, make_questions, sample_scene  # noqa: E402
 from vlmoe import build_model, train_tokenizer  # noqa: E402
 from vlmoe.model.towers import decoder_layers  # noqa: E402
@@ -164,7 +172,28 @@ def main(argv: list[str] | None = None) -> None:
                         help="float32 or bfloat16 autocast, each in turn (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile'd train steps (experts stay eager: data-dependent group sizes)")
+    parser.add_argument("--allocator", nargs="+", choices=list(ALLOCATORS),
+                        help="CPU allocator settings, one child process each (default: every one this machine has)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure in this process, under the allocator it started with (what each child runs)")
+    parser.add_argument("--markdown", metavar="JSON", help="print the README table of a saved run, measure nothing")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown_table(json.loads(Path(args.markdown).read_text())))
+        return
+    if args.in_process or args.device != "cpu":  # the allocator settings are the CPU's
+        records = [measure_all(args)]
+    else:
+        child_argv = ["--threads", str(args.threads), "--batch-size", str(args.batch_size), "--new-tokens",
+                      str(args.new_tokens), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+                      *(["--dtype", *args.dtype] if args.dtype else []), *(["--compile"] if args.compile else []),
+                      "--in-process"]
+        records = run_per_allocator(__file__, child_argv, args.allocator or available_allocators())
+    print(json.dumps(records, indent=1))
+
+
+def measure_all(args: argparse.Namespace) -> dict:
+    """This process's record: every dtype, under the allocator it started with."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtypes = args.dtype or (["bfloat16"] if device.type == "cuda" else ["float32"])
@@ -180,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
               "batch_size": args.batch_size, "new_tokens": args.new_tokens, "by_dtype": {}}
     for dtype in dtypes:
         result["by_dtype"][dtype] = measure(args, device, dtype, tokenizer, data)
-    print(json.dumps(result, indent=1))
+    return result
 
 
 def measure(args: argparse.Namespace, device: torch.device, dtype: str, tokenizer, data: list[tuple]) -> dict:
@@ -261,6 +290,29 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: str, tokenize
     if device.type == "cpu":
         out["cpu_kernels"] = chosen_kernels()
     return out
+
+
+def markdown_table(records: list[dict]) -> str:
+    """The README's table of MoE / dense, per allocator setting and dtype, from a saved run."""
+    first = records[0]
+    lines = [
+        f"{first['cpu']} (family/model {first['cpu_family_model']}; {' '.join(first['isa']) or 'no listed ISA flags'}), "
+        f"torch {first['torch']}, "
+        f"{first['threads']} threads, batch {first['batch_size']}, {first['new_tokens']} new tokens; "
+        "MoE / dense, median of the per-round ratios (quartiles):",
+        "",
+        "| allocator | dtype | train step ms, MoE / dense | train step | captioning, batch 1 | captioning, batch 32 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for record in records:
+        for dtype, figures in record["by_dtype"].items():
+            moe, dense = figures["models"]["moe"], figures["models"]["dense"]
+            cells = [record["allocator"], dtype, f"{moe['train_step_ms']:.0f} / {dense['train_step_ms']:.0f}"]
+            for key in ("train_step_ms", "caption_ms_batch1", "caption_ms_batch32"):
+                q = figures["moe_vs_dense_per_round"][key]
+                cells.append(f"{q['median']:.2f} ({q['q1']:.2f}-{q['q3']:.2f})")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.moe_layer import markdown_table
+from benchmarks.throughput import markdown_table as throughput_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -14,3 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_readme_layer_table_is_the_one_its_records_print(records):
     records = json.loads((ROOT / "docs/results" / records).read_text())
     assert markdown_table(records) in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("run", ["throughput_cpu_amd_epyc_avx2_b936b08_allocators.json"])
+def test_readme_throughput_table_is_the_one_its_run_prints(run):
+    records = json.loads((ROOT / "docs/results" / run).read_text())
+    assert throughput_table(records) in (ROOT / "README.md").read_text()
