@@ -521,3 +521,25 @@ def test_conv_stem_sets_the_grid_and_keeps_each_image_independent_of_its_batch()
     assert patched.grid_size == (2, 2)  # patch_size counts stem output pixels
 
 
+
+
+def test_compiled_model_trains_like_the_eager_one(tokenizer):
+    """``torch.compile`` captures the model around its data-dependent steps (padding lookup, the experts'
+    group sizes run eagerly): loss and every gradient equal the eager model's. ``aot_eager`` traces
+    forward and backward as inductor would, without generating code (seconds, not minutes)."""
+    torch._dynamo.reset()
+    model, processor = build(tokenizer)
+    model.train()
+    batch = processor.training_batch(images(), [processor.prompt(), processor.prompt("what color?")], ["a red circle", "blue"])
+    eager = model(**batch)
+    eager.loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, backend="aot_eager")(**batch)
+    compiled.loss.backward()
+    torch.testing.assert_close(compiled.loss, eager.loss)
+    assert {name for name, p in model.named_parameters() if p.grad is not None} == set(expected)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, expected[name], msg=name)
+    torch._dynamo.reset()

@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from contextlib import contextmanager
-from functools import cached_property
 from typing import Iterator, NamedTuple
 
 import torch
@@ -50,6 +49,20 @@ from .router import Router, RouterOutput, TokenChoiceRouter, build_router, count
 
 # The modality of a position that is not data (padding): it routes nowhere.
 PADDING = -1
+
+
+class computed_once:  # noqa: N801  (used as a decorator, like the property it stands for)
+    """``functools.cached_property`` without the lock Python 3.11's takes on every first read:
+    ``torch.compile`` cannot trace that lock, so it ran the aux-loss sum eagerly."""
+
+    def __init__(self, compute):
+        self.compute, self.name = compute, compute.__name__
+
+    def __get__(self, owner, owner_type=None):
+        if owner is None:
+            return self
+        value = owner.__dict__[self.name] = self.compute(owner)  # read from the instance from now on
+        return value
 
 
 class MoEOutput:
@@ -84,15 +97,15 @@ class MoEOutput:
         self._given_assignments = assignments
         self._config, self._token_choice = router.config, isinstance(router, TokenChoiceRouter)
 
-    @cached_property
+    @computed_once
     def _assignments(self) -> tuple[Tensor, Tensor, Tensor]:
         return self._given_assignments or self._router.dispatch(self._router_out)[1:]
 
-    @cached_property
+    @computed_once
     def tokens(self) -> Tensor:
         return count(self._modality, self._config.num_modalities)  # (M,)
 
-    @cached_property
+    @computed_once
     def _counts(self) -> Tensor:
         """``(M, E)`` assignments before drops."""
         m, e = self._config.num_modalities, self._config.num_experts
@@ -105,7 +118,7 @@ class MoEOutput:
         sums = values.new_zeros((self._config.num_modalities,) + values.shape[1:]).index_add_(0, self._modality, values)
         return sums / self.tokens.clamp(min=1).view(-1, *([1] * (values.dim() - 1)))
 
-    @cached_property
+    @computed_once
     def load_balance(self) -> Tensor:
         if not self._token_choice:
             return self._probs.new_zeros(self._config.num_modalities)
@@ -113,26 +126,26 @@ class MoEOutput:
         fraction = self._counts / self.tokens.clamp(min=1).unsqueeze(-1)
         return allowed * (fraction * self._per_modality_mean(self._probs)).sum(-1)  # (M,)
 
-    @cached_property
+    @computed_once
     def load_balance_loss(self) -> Tensor:
         if not self._token_choice:
             return self._probs.new_zeros(())
         present = (self.tokens > 0).to(self.load_balance.dtype)  # a mask, not an index: no host sync
         return (self.load_balance * present).sum() / present.sum()
 
-    @cached_property
+    @computed_once
     def z_loss(self) -> Tensor:
         return torch.logsumexp(self.router_logits, dim=-1).square().mean()
 
-    @cached_property
+    @computed_once
     def load(self) -> Tensor:
         return (self._counts / self._counts.sum(-1, keepdim=True).clamp(min=1)).detach()
 
-    @cached_property
+    @computed_once
     def entropy(self) -> Tensor:
         return self._per_modality_mean(torch.special.entr(self._probs.detach()).sum(-1))
 
-    @cached_property
+    @computed_once
     def dropped(self) -> Tensor:
         dropped = count(self._modality[self._assignments[2]], self._config.num_modalities).float()
         return dropped / self._counts.sum(-1).clamp(min=1)
