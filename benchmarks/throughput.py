@@ -181,7 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.markdown:
         print(markdown_table(json.loads(Path(args.markdown).read_text())))
         return
-    if args.in_process or args.device != "cpu":  # the allocator settings are the CPU's
+    if args.allocator and args.device != "cpu":
+        parser.error(f"--allocator: the allocator settings are the CPU's, not --device {args.device}'s")
+    if args.in_process or args.device != "cpu":
         records = [measure_all(args)]
     else:
         child_argv = ["--threads", str(args.threads), "--batch-size", str(args.batch_size), "--new-tokens",

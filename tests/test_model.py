@@ -521,8 +521,6 @@ def test_conv_stem_sets_the_grid_and_keeps_each_image_independent_of_its_batch()
     assert patched.grid_size == (2, 2)  # patch_size counts stem output pixels
 
 
-
-
 def test_compiled_model_trains_like_the_eager_one(tokenizer):
     """``torch.compile`` captures the model around its data-dependent steps (padding lookup, the experts'
     group sizes run eagerly): loss and every gradient equal the eager model's. ``aot_eager`` traces

@@ -52,8 +52,8 @@ PADDING = -1
 
 
 class computed_once:  # noqa: N801  (used as a decorator, like the property it stands for)
-    """``functools.cached_property`` without the lock Python 3.11's takes on every first read:
-    ``torch.compile`` cannot trace that lock, so it ran the aux-loss sum eagerly."""
+    """``functools.cached_property`` minus the lock it takes on Python 3.11: ``torch.compile`` cannot
+    trace that lock, and ran the code reading the aux losses eagerly."""
 
     def __init__(self, compute):
         self.compute, self.name = compute, compute.__name__
