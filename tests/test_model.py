@@ -521,6 +521,14 @@ def test_conv_stem_sets_the_grid_and_keeps_each_image_independent_of_its_batch()
     assert patched.grid_size == (2, 2)  # patch_size counts stem output pixels
 
 
+def test_image_placeholders_and_images_that_disagree_name_both_counts(tokenizer):
+    model, processor = build(tokenizer)
+    batch = processor.training_batch(images(), [processor.prompt(), processor.prompt("what color?")], ["a red circle", "blue"])
+    tokens = int((batch["input_ids"] == model.config.image_token_id).sum()) // 2
+    with pytest.raises(ValueError, match=rf"input_ids hold {2 * tokens} image placeholder tokens but pixel_values give 1 images x {tokens} tokens"):
+        model(**{**batch, "pixel_values": batch["pixel_values"][:1]})
+
+
 def test_compiled_model_trains_like_the_eager_one(tokenizer):
     """``torch.compile`` captures the model around its data-dependent steps (padding lookup, the experts'
     group sizes run eagerly): loss and every gradient equal the eager model's. ``aot_eager`` traces

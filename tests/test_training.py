@@ -142,6 +142,29 @@ def interrupted_run(shapes: str, tmp_path, *steps: str) -> tuple[str, dict[int, 
     return run_dir, expected
 
 
+def test_compiled_training_resumes_compiled_bit_for_bit_and_eagerly_alike(shapes, tmp_path):
+    """``train.torch_compile``: checkpoints and the export hold the model's own state dict, so a run
+    resumes compiled, bit for bit, or eagerly, with the compiled steps' losses to float rounding (a
+    compiled graph may order float ops otherwise). The ``eager`` backend: dynamo's capture alone, the
+    fastest to compile (``test_compiled_model_trains_like_the_eager_one`` holds ``aot_eager``'s
+    gradients, traced as inductor's are, to the eager model's)."""
+    from safetensors import safe_open
+
+    compiled = ["train.torch_compile=true", "train.torch_compile_backend=eager"]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    run_dir, expected = interrupted_run(shapes, tmp_path, *compiled)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    train_in_process(shapes, str(tmp_path), "run", "train.steps=6", "train.checkpoint_every=3", *compiled, "--resume", "auto")
+    assert losses(run_dir) == expected  # every step, bit for bit
+    with safe_open(os.path.join(run_dir, "final", "model.safetensors"), "pt") as f:
+        assert not [key for key in f.keys() if "_orig_mod" in key]
+    drop_checkpoints_after(run_dir, 3)
+    train_in_process(shapes, str(tmp_path), "run", "train.steps=6", "train.checkpoint_every=3", "--resume", "auto")
+    assert losses(run_dir) == pytest.approx(expected, rel=1e-5)
+    torch._dynamo.reset()
+
+
 def test_resume_repairs_a_torn_metrics_line(shapes, tmp_path, caplog):
     run_dir, expected = interrupted_run(shapes, tmp_path)
     with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
@@ -304,11 +327,12 @@ def test_fsdp2_sharding_matches_unsharded_model(tmp_path):
         ("train.loss_average=mean", "train.loss_average='mean' is not one of ['token', 'square', 'sample']"),
         ("data.caption_target=first", "data.caption_target='first' is not one of ['canonical', 'random']"),
         ("model.image_position_ids=rows", "image_position_ids='rows' is not one of ['sequential', 'shared']"),
+        ("train.torch_compile=true train.torch_compile_backend=inducter", "train.torch_compile_backend='inducter'"),
     ],
 )
 def test_bad_config_names_the_key(override, match):
     with pytest.raises(ValueError, match=re.escape(match)):
-        load_config(os.path.join(ROOT, "configs/tiny.yaml"), [override])
+        load_config(os.path.join(ROOT, "configs/tiny.yaml"), override.split())
 
 
 def test_split_batches_gives_each_process_its_share_or_names_the_key():

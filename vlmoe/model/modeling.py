@@ -236,8 +236,10 @@ class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
         return super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
 
     def _merge_image_embeds(self, inputs_embeds: Tensor, image_embeds: Tensor, is_image: Tensor) -> Tensor:
-        expected = int(is_image.sum())
-        if expected != image_embeds.shape[0] * image_embeds.shape[1]:
+        # Checked eagerly only: under torch.compile the count read on the host would break the graph
+        # (transformers' LLaVA checks likewise).
+        expected = None if torch.compiler.is_compiling() else int(is_image.sum())
+        if expected is not None and expected != image_embeds.shape[0] * image_embeds.shape[1]:
             raise ValueError(
                 f"input_ids hold {expected} image placeholder tokens but pixel_values give "
                 f"{image_embeds.shape[0]} images x {image_embeds.shape[1]} tokens"

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -215,6 +216,10 @@ class TrainConfig:
         every target token weighs the same (a 15-token caption counts 15 times a one-word
         answer); ``sample``, every sample weighs the same; ``square``, a sample of n target
         tokens weighs sqrt(n) (InternVL 2.5's square averaging, between the two).
+    torch_compile / torch_compile_backend: the training forward and backward through
+        ``torch.compile`` with this backend (transformers' ``TrainingArguments`` names). The
+        experts run eagerly inside it (their group sizes are data); validation, generation and
+        checkpoints use the model itself, so a run resumes with or without it.
     """
 
     name: str = "run"
@@ -235,8 +240,14 @@ class TrainConfig:
     overwrite: bool = False
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     loss_average: str = "token"
+    torch_compile: bool = False
+    torch_compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
+        if self.torch_compile:
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if self.torch_compile_backend not in backends:
+                raise ValueError(f"train.torch_compile_backend={self.torch_compile_backend!r} is not one of {backends}")
         if self.loss_average not in LOSS_AVERAGES:
             raise ValueError(f"train.loss_average={self.loss_average!r} is not one of {list(LOSS_AVERAGES)}")
         if self.mixed_precision not in MIXED_PRECISION:

@@ -26,6 +26,9 @@ Notable choices:
   largest logit difference to it on one validation batch (``upcycle/max_logit_diff``).
 - The expert matmul forms each process autotuned (``vlmoe/moe/experts.py``; they round
   differently) are kept in every checkpoint and taken back on resume, so a resume stays bit-exact.
+- ``train.torch_compile``: the training steps call ``torch.compile(model)``; validation, generation,
+  checkpoints and the export use the model itself (no ``_orig_mod.`` in a state dict), so a run
+  resumes with compilation on or off.
 - A non-finite loss on any process skips the whole step on every process (no update); more
   than ``max_nonfinite`` in a row stop the run, leaving the last good checkpoint as it was.
 """
@@ -246,6 +249,9 @@ class Trainer:
         optimizer = build_optimizer(model, config.optim)
         scheduler = build_scheduler(optimizer, config.optim, train.steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.train_model = self.model  # what the training steps call
+        if train.torch_compile:  # compiled for them only: checkpoints keep the prepared model's own state dict
+            self.train_model = torch.compile(self.model, backend=train.torch_compile_backend)
         self.state = TrainerState()
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         if checkpoint is not None:
@@ -396,7 +402,7 @@ class Trainer:
         for batch in micro_batches:
             samples += batch["input_ids"].shape[0]
             with acc.accumulate(self.model), acc.autocast():
-                out = self.model(**batch, num_items_in_batch=total_weight)
+                out = self.train_model(**batch, num_items_in_batch=total_weight)
                 loss = out.loss
                 terms = [getattr(out, name) for name in LOSS_TERMS]
                 totals += torch.stack([t.detach().float() if t is not None else loss.new_zeros(()) for t in terms])
