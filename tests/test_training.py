@@ -142,27 +142,39 @@ def interrupted_run(shapes: str, tmp_path, *steps: str) -> tuple[str, dict[int, 
     return run_dir, expected
 
 
-def test_compiled_training_resumes_compiled_bit_for_bit_and_eagerly_alike(shapes, tmp_path):
-    """``train.torch_compile``: checkpoints and the export hold the model's own state dict, so a run
-    resumes compiled, bit for bit, or eagerly, with the compiled steps' losses to float rounding (a
-    compiled graph may order float ops otherwise). The ``eager`` backend: dynamo's capture alone, the
-    fastest to compile (``test_compiled_model_trains_like_the_eager_one`` holds ``aot_eager``'s
-    gradients, traced as inductor's are, to the eager model's)."""
+def test_compiled_training_resumes_compiled_bit_for_bit_and_eagerly_alike(shapes, tmp_path, monkeypatch):
+    """``train.torch_compile``, or the launch config's dynamo backend: checkpoints and the export hold
+    the model's own state dict, so a run resumes compiled, bit for bit, or eagerly, with the compiled
+    steps' losses to float rounding (a compiled graph may order float ops otherwise). The ``eager``
+    backend: dynamo's capture alone, the fastest to compile (``test_compiled_model_trains_like_the_eager_one``
+    holds ``aot_eager``'s gradients, traced as inductor's are, to the eager model's)."""
     from safetensors import safe_open
 
-    compiled = ["train.torch_compile=true", "train.torch_compile_backend=eager"]
+    steps = ["train.steps=6", "train.checkpoint_every=3"]
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    run_dir, expected = interrupted_run(shapes, tmp_path, *compiled)
+    run_dir, expected = interrupted_run(shapes, tmp_path, "train.torch_compile=true", "train.torch_compile_backend=eager")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
-    train_in_process(shapes, str(tmp_path), "run", "train.steps=6", "train.checkpoint_every=3", *compiled, "--resume", "auto")
+    with monkeypatch.context() as launch:
+        launch.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")  # what `accelerate launch --dynamo_backend eager` sets
+        compiled, compile = [], torch.compile  # the graphs compiled above serve this model too: count the calls
+        launch.setattr(torch, "compile", lambda model, **options: compiled.append(options) or compile(model, **options))
+        train_in_process(shapes, str(tmp_path), "run", *steps, "--resume", "auto")
+        assert compiled == [{"backend": "eager"}]
     assert losses(run_dir) == expected  # every step, bit for bit
     with safe_open(os.path.join(run_dir, "final", "model.safetensors"), "pt") as f:
         assert not [key for key in f.keys() if "_orig_mod" in key]
     drop_checkpoints_after(run_dir, 3)
-    train_in_process(shapes, str(tmp_path), "run", "train.steps=6", "train.checkpoint_every=3", "--resume", "auto")
+    train_in_process(shapes, str(tmp_path), "run", *steps, "--resume", "auto")
     assert losses(run_dir) == pytest.approx(expected, rel=1e-5)
     torch._dynamo.reset()
+
+
+def test_compiled_training_under_deepspeed_is_refused_before_anything_is_written(shapes, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with a DeepSpeed config sets
+    with pytest.raises(ValueError, match=r"train.torch_compile=true under DeepSpeed: not supported"):
+        train_in_process(shapes, str(tmp_path), "run", "train.torch_compile=true")
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_resume_repairs_a_torn_metrics_line(shapes, tmp_path, caplog):

@@ -26,9 +26,9 @@ Notable choices:
   largest logit difference to it on one validation batch (``upcycle/max_logit_diff``).
 - The expert matmul forms each process autotuned (``vlmoe/moe/experts.py``; they round
   differently) are kept in every checkpoint and taken back on resume, so a resume stays bit-exact.
-- ``train.torch_compile``: the training steps call ``torch.compile(model)``; validation, generation,
-  checkpoints and the export use the model itself (no ``_orig_mod.`` in a state dict), so a run
-  resumes with compilation on or off.
+- ``train.torch_compile`` (or the launch config's dynamo backend): the training steps call
+  ``torch.compile(model)``; validation, generation, checkpoints and the export use the model itself
+  (no ``_orig_mod.`` in a state dict), so a run resumes with compilation on or off.
 - A non-finite loss on any process skips the whole step on every process (no update); more
   than ``max_nonfinite`` in a row stop the run, leaving the last good checkpoint as it was.
 """
@@ -47,7 +47,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DynamoBackend, TorchDynamoPlugin, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
@@ -61,7 +61,7 @@ from ..moe.experts import chosen_forms, restore_forms
 from ..processing import VLMoEProcessor, build_model, load_run, train_tokenizer
 from ..tasks import GenerationCollate, TrainingCollate, generate_from_batch
 from .checkpoint import TRAINER_STATE, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import LOSS_AVERAGES, Config, ModelConfig, config_to_yaml
+from .config import LOSS_AVERAGES, Config, ModelConfig, TrainConfig, config_to_yaml
 from .launch import check_launch
 from .optim import build_optimizer, build_scheduler
 
@@ -201,6 +201,23 @@ def routing_scalars(routing: list[RoutingRecord]) -> dict[str, float]:
     return scalars
 
 
+def compile_options(train: TrainConfig, deepspeed: bool) -> dict[str, Any] | None:
+    """``torch.compile``'s arguments for the training steps (None: eager): ``train.torch_compile``'s,
+    else the launch config's dynamo settings (``accelerate config``, ``accelerate launch
+    --dynamo_backend``). The trainer compiles, not ``Accelerator.prepare``, so that checkpoints and
+    the export hold the model's own state dict; under DeepSpeed the engine compiles itself from the
+    launch config, and ``train.torch_compile`` is refused."""
+    if deepspeed:
+        if train.torch_compile:
+            raise ValueError("train.torch_compile=true under DeepSpeed: not supported; set dynamo_backend in the "
+                             "accelerate launch config instead (the DeepSpeed engine compiles itself)")
+        return None
+    if train.torch_compile:
+        return {"backend": train.torch_compile_backend}
+    launch = TorchDynamoPlugin()  # read from the environment `accelerate launch` sets
+    return None if launch.backend == DynamoBackend.NO else launch.to_kwargs()  # backend, mode, ...: the set ones
+
+
 class Trainer:
     """Builds a run from ``config``, fresh or resumed from ``resume`` (``"auto"``: the run's latest
     complete checkpoint, or a checkpoint folder); ``fit`` trains it."""
@@ -213,12 +230,14 @@ class Trainer:
         checkpoint = start_checkpoint(self.run_dir, resume, train.overwrite)
         moe_loop = config.model.moe.implementation == "loop"  # the loop leaves unrouted experts without grads
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        self.compile_options = compile_options(train, deepspeed)
         self.accelerator = Accelerator(
             # cpu=True lets torchrun on CPU form one gloo group; DeepSpeed brings its own CPU backend.
             cpu=not torch.cuda.is_available() and not deepspeed,
             mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.grad_accum,
             log_with="tensorboard", project_dir=self.run_dir,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=moe_loop)],
+            **({} if deepspeed else {"dynamo_backend": "no"}),  # compiled below (compile_options)
         )
         check_launch(self.accelerator)  # refuses `accelerate launch --cpu --num_processes 2` (one process)
         self.batch_size = config.data.batch_size_per_process(self.accelerator.num_processes)
@@ -250,8 +269,8 @@ class Trainer:
         scheduler = build_scheduler(optimizer, config.optim, train.steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.train_model = self.model  # what the training steps call
-        if train.torch_compile:  # compiled for them only: checkpoints keep the prepared model's own state dict
-            self.train_model = torch.compile(self.model, backend=train.torch_compile_backend)
+        if self.compile_options is not None:  # compiled for them only: checkpoints keep the model's own state dict
+            self.train_model = torch.compile(self.model, **self.compile_options)
         self.state = TrainerState()
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         if checkpoint is not None:
