@@ -230,7 +230,7 @@ class Trainer:
         checkpoint = start_checkpoint(self.run_dir, resume, train.overwrite)
         moe_loop = config.model.moe.implementation == "loop"  # the loop leaves unrouted experts without grads
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-        self.compile_options = compile_options(train, deepspeed)
+        compile_with = compile_options(train, deepspeed)  # checked before anything is written
         self.accelerator = Accelerator(
             # cpu=True lets torchrun on CPU form one gloo group; DeepSpeed brings its own CPU backend.
             cpu=not torch.cuda.is_available() and not deepspeed,
@@ -269,8 +269,8 @@ class Trainer:
         scheduler = build_scheduler(optimizer, config.optim, train.steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.train_model = self.model  # what the training steps call
-        if self.compile_options is not None:  # compiled for them only: checkpoints keep the model's own state dict
-            self.train_model = torch.compile(self.model, **self.compile_options)
+        if compile_with is not None:  # compiled for them only: checkpoints keep the model's own state dict
+            self.train_model = torch.compile(self.model, **compile_with)
         self.state = TrainerState()
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         if checkpoint is not None:
