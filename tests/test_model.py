@@ -11,7 +11,7 @@ import timm
 import torch
 from PIL import Image
 from safetensors import safe_open
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from vlmoe import VLMoEConfig, VLMoEForConditionalGeneration, VLMoEProcessor, build_model, train_tokenizer
 from vlmoe.model.modeling import shared_image_position_ids, target_weights
@@ -393,13 +393,26 @@ def test_building_twice_from_one_config_loads_the_pretrained_towers_both_times(t
     first, _ = build_model(config)
     assert config.to_dict() == before
     second, _ = build_model(config)
-    pretrained = LlamaForCausalLM.from_pretrained(llama_dir).state_dict()
+    pretrained = LlamaForCausalLM.from_pretrained(llama_dir, use_kernels=False).state_dict()
     for model in (first, second):
         decoder = model.language_model.state_dict()
         assert all(torch.equal(decoder[k], v) for k, v in pretrained.items()), "decoder not loaded from llama_dir"
         assert torch.equal(model.vision.vit.pos_embed, torch.load(vit_file, weights_only=True)["pos_embed"])
         assert model.config.decoder.pretrained_path is None and model.config.vision.pretrained_file is None
     assert first.config.to_dict() == second.config.to_dict()
+
+
+def test_loading_asks_for_no_hub_kernels_unless_told(tokenizer, tmp_path, monkeypatch):
+    """transformers >= 5.25 kernelizes every loaded model with kernels from the Hub unless told not to."""
+    vit_file, llama_dir = _dense_towers(tmp_path, tokenizer)
+    asked = []
+    monkeypatch.setattr(PreTrainedModel, "set_use_kernels", lambda self, use_kernels, *a, **k: asked.append(use_kernels))
+    model, _ = build_model(VLMoEConfig(vision={**VISION, "pretrained_file": vit_file}, decoder={"pretrained_path": llama_dir}))
+    model.save_pretrained(tmp_path / "saved")
+    VLMoEForConditionalGeneration.from_pretrained(tmp_path / "saved")
+    assert asked == [False, False]  # the decoder tower from its folder, then the saved vlmoe model
+    VLMoEForConditionalGeneration.from_pretrained(tmp_path / "saved", use_kernels=True)
+    assert asked[-1] is True
 
 
 def test_parameter_counts_dense_model_active_equals_total(tokenizer):

@@ -99,6 +99,13 @@ class VLMoEPreTrainedModel(PreTrainedModel):
         # Every part initialises itself when built (timm, transformers, MoE layers); nothing to add.
         return
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Hub kernels are downloads, and vlmoe loads offline: transformers >= 5.25 kernelizes by
+        # default, so the default here stays off (``use_kernels=True`` opts in).
+        kwargs.setdefault("use_kernels", False)
+        return super().from_pretrained(*args, **kwargs)
+
 
 class VLMoEForConditionalGeneration(VLMoEPreTrainedModel, GenerationMixin):
     """A timm ViT and a transformers causal LM joined by a projector, with modality-aware MoE layers."""

@@ -91,7 +91,8 @@ class VisionTower(nn.Module):
 def build_decoder(config: DecoderConfig) -> PreTrainedModel:
     """A causal LM from a local folder, or from ``text_config`` (random weights)."""
     if config.pretrained_path is not None:
-        return AutoModelForCausalLM.from_pretrained(config.pretrained_path, local_files_only=True)
+        # Offline: no kernels from the Hub (transformers >= 5.25 kernelizes a loaded model by default).
+        return AutoModelForCausalLM.from_pretrained(config.pretrained_path, local_files_only=True, use_kernels=False)
     return AutoModelForCausalLM.from_config(config.transformers_config())
 
 

@@ -245,9 +245,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.torch_compile:
-            backends = torch._dynamo.list_backends(exclude_tags=())
-            if self.torch_compile_backend not in backends:
-                raise ValueError(f"train.torch_compile_backend={self.torch_compile_backend!r} is not one of {backends}")
+            if self.torch_compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+                raise ValueError(
+                    f"train.torch_compile_backend={self.torch_compile_backend!r} is not a torch.compile backend "
+                    f"(these are {torch._dynamo.list_backends()}, and for debugging eager and aot_eager)"
+                )
         if self.loss_average not in LOSS_AVERAGES:
             raise ValueError(f"train.loss_average={self.loss_average!r} is not one of {list(LOSS_AVERAGES)}")
         if self.mixed_precision not in MIXED_PRECISION:
