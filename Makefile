@@ -30,6 +30,8 @@ test-latest:
 	test -d $(LATEST) || $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]'
+	@echo "Newer releases this run does not test (held back by a pip constraint or another package's pin):"
+	@$(LATEST)/bin/python -m pip list --outdated --exclude-editable 2>/dev/null | grep -v -E '^(nvidia-|cuda-)' || true
 	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider
 
 # Lower bounds of the pure-Python dependencies; torch and torchvision stay at the lock's build.
