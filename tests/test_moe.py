@@ -1480,6 +1480,24 @@ def test_loop_and_grouped_agree_under_bf16_autocast(expert_type):
         assert_close(grads_g[name] / scale, g / scale, **tol, msg=name)
 
 
+@pytest.mark.parametrize("expert_type", ["swiglu", "gelu"])
+def test_grouped_backward_inside_autocast_after_a_float32_forward(expert_type):
+    """A float32 forward (autocast off) whose backward is called inside a bf16 autocast region, as a
+    trainer calls it: the experts' gradients are the ones computed outside the region (the backward's
+    matmuls had turned bf16 and met float32 buffers: an error)."""
+    layer = make_layer(dtype=torch.float32, num_experts=4, top_k=2, expert_type=expert_type)
+    x, grad_out = torch.randn(2, 8, DIM), torch.randn(2, 8, DIM)
+    grads = []
+    for backward_in_autocast in (False, True):
+        layer.zero_grad(set_to_none=True)
+        out = layer(x.clone().requires_grad_(), two_modalities())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=backward_in_autocast):
+            (out * grad_out).sum().backward()
+        grads.append([p.grad for p in layer.experts.parameters()])  # reached by the experts' backward only
+    for outside, inside in zip(*grads):
+        assert inside.dtype == torch.float32 and torch.equal(inside, outside)
+
+
 def test_builds_on_meta_device():
     layer = MoELayer(DIM, HIDDEN, config=MoEConfig(num_experts=4, top_k=2, num_shared_experts=1), device="meta")
     assert all(p.device.type == "meta" for p in layer.parameters())

@@ -639,7 +639,7 @@ def grouped_experts(x, weights, token_idx, counts, in_proj, in_bias, out_proj, o
 
 def _in_compute_dtype(x, weights, *args, keep: bool) -> tuple[Tensor, tuple | None, KernelTrial]:
     """``_expert_forward`` in the compute dtype: under autocast, autocast's, applied explicitly (the
-    backward runs outside autocast). Each block casts only its own experts' weights: a decode step
+    backward turns autocast off as well). Each block casts only its own experts' weights: a decode step
     uses a few of them. Also returns the call's ``KernelTrial``, complete unless ``keep`` (a backward
     follows, to be timed as well)."""
     dtype = compute_dtype(x)
@@ -699,7 +699,9 @@ class GroupedExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        with ctx.trial:
+        # A backward called inside an autocast region runs under it: off here, as in the forward,
+        # so the gradients are computed in the dtype the forward kept (its buffers' dtype).
+        with ctx.trial, autocast_off(grad_out.device.type):
             grads = _expert_backward(ctx, grad_out)
         ctx.trial.record()
         grad_x, grad_weights, grad_in_proj, grad_in_bias, grad_out_proj, grad_out_bias = grads
