@@ -30,7 +30,10 @@ class MoEConfig:
             each expert's capacity (expert choice).
         router: ``token_choice`` (each position picks its top-k experts) or ``expert_choice``
             (each expert picks its top positions in each sequence; only in non-causal layers).
-        normalize_top_k: renormalise the top-k probabilities to sum to one.
+        normalize_top_k: renormalise the top-k probabilities to sum to one. At ``top_k=1`` the one
+            weight is then always 1 and the router learns from the load-balancing and z-losses
+            alone, not from the task; Switch-style top-1 routing (weight = the probability) sets
+            it false.
         jitter_noise: multiplicative uniform noise on the router input while training.
         modality_mode: ``shared`` (one router for all modalities), ``per_modality`` (one router
             per modality over the same experts) or ``partitioned`` (experts reserved per
