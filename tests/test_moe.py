@@ -1329,6 +1329,19 @@ def test_padding_reaches_no_expert_loss_or_statistic(mode, routing):
     assert_close(layer(garbage, modality), padded.hidden_states, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_call_of_padding_only_adds_zero_losses(mode):
+    """A call whose positions are all padding (a padded micro-batch) outputs zeros and adds 0 to
+    the aux and z losses, not NaN (their means over no positions), and no gradient flows."""
+    layer = make_layer(**MODES[mode], top_k=2, modality_mode=mode, num_shared_experts=1)
+    x = torch.randn(2, 8, DIM, dtype=F64, requires_grad=True)
+    out = layer.forward_with_aux(x, torch.full((2, 8), PADDING))
+    assert (out.hidden_states == 0).all() and out.tokens.tolist() == [0, 0]
+    assert out.load_balance_loss.item() == 0 and out.z_loss.item() == 0
+    (grad,) = torch.autograd.grad(out.hidden_states.sum() + layer.aux_loss(out), x)
+    assert (grad == 0).all()
+
+
 HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "nonzero")
 
 

@@ -131,11 +131,12 @@ class MoEOutput:
         if not self._token_choice:
             return self._probs.new_zeros(())
         present = (self.tokens > 0).to(self.load_balance.dtype)  # a mask, not an index: no host sync
-        return (self.load_balance * present).sum() / present.sum()
+        return (self.load_balance * present).sum() / present.sum().clamp(min=1)  # 0 for a call of padding only
 
     @computed_once
     def z_loss(self) -> Tensor:
-        return torch.logsumexp(self.router_logits, dim=-1).square().mean()
+        # The mean over the data positions, 0 where there are none (a call of padding only).
+        return torch.logsumexp(self.router_logits, dim=-1).square().sum() / max(self.router_logits.shape[0], 1)
 
     @computed_once
     def load(self) -> Tensor:
