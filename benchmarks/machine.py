@@ -1,4 +1,4 @@
-"""What a benchmark record needs to say about the machine, and the allocator settings it runs under.
+"""What a benchmark record needs to say about the machine, the allocator settings it runs under, and its clock.
 
 glibc reads its ``MALLOC_*`` variables and PyTorch its ``THP_MEM_ALLOC_ENABLE`` once, when the
 process starts, so a benchmark that compares allocator settings runs one child process per
@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -71,6 +72,13 @@ def current_allocator() -> str:
         if env and all(os.environ.get(k) == v for k, v in env.items()):
             return name
     return "glibc"
+
+
+def clock(device: torch.device) -> float:
+    """Seconds, after the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def describe(threads: int) -> dict:

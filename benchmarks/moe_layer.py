@@ -5,6 +5,7 @@
     python benchmarks/moe_layer.py --dtype float32 bfloat16   # bf16 figures beside fp32
     python benchmarks/moe_layer.py --allocator glibc --shapes D1 --repeats 3
     python benchmarks/moe_layer.py --markdown docs/results/moe_layer_cpu_amd_epyc.json   # README table
+    python benchmarks/moe_layer.py --device cuda --dtype bfloat16 --json                # on a GPU
 
 Every implementation gets the same weights and inputs and is timed in rotation in one process
 (2 threads by default): forward under ``no_grad`` and forward+backward, median over
@@ -19,7 +20,10 @@ version and thread count; on CPU, vlmoe's record also the expert kernel each of 
 classes kept (``cpu_kernels``). ``dense`` is a SwiGLU FFN of hidden width
 ``top_k * ffn``: the same FLOPs per token as the MoE's active experts, the limit a MoE layer
 is measured against. ``hf_<impl>`` is transformers' ``MixtralSparseMoeBlock`` with each experts
-implementation that runs on this device.
+implementation that runs on this device. Each record also gives the active TFLOP/s (the experts'
+matmuls at ``top_k`` experts per token, forward; three times that for forward+backward), the
+dense FFN's being the same FLOPs: vlmoe's share of dense TFLOP/s is ``1 / fwd_vs_dense``. On a
+GPU (``--device cuda``) everything runs in this process and each timing waits for the device.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +41,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.machine import ALLOCATORS, available_allocators, describe, run_per_allocator  # noqa: E402
+from benchmarks.machine import ALLOCATORS, available_allocators, clock, describe, run_per_allocator  # noqa: E402
 from vlmoe.model.modeling import TEXT  # noqa: E402
 from vlmoe.moe import FeedForward, MoEConfig, MoELayer  # noqa: E402
 from vlmoe.moe.experts import TRIAL_CALLS, chosen_kernels  # noqa: E402
@@ -104,19 +107,26 @@ def runs_here(name: str, module: torch.nn.Module, x: torch.Tensor, top_k: int, m
         return False
 
 
-def timed(fn: Callable[[], None], inner: int) -> float:
-    start = time.perf_counter()
+def timed(fn: Callable[[], None], inner: int, device: torch.device) -> float:
+    start = clock(device)
     for _ in range(inner):
         fn()
-    return (time.perf_counter() - start) * 1e3 / inner
+    return (clock(device) - start) * 1e3 / inner
 
 
-def bench_shape(name: str, repeats: int, warmup: int, dtype: str = "float32") -> list[dict]:
+def active_tflop(name: str) -> float:
+    """TFLOP of one forward through the active experts (SwiGLU: three ``d x ffn`` matmuls per expert)."""
+    d, ffn, _, top_k, tokens = SHAPES[name]
+    return 6 * d * ffn * top_k * tokens / 1e12
+
+
+def bench_shape(name: str, repeats: int, warmup: int, dtype: str = "float32", device: str = "cpu") -> list[dict]:
     d, ffn, experts, top_k, tokens = SHAPES[name]
+    device = torch.device(device)
     torch.manual_seed(0)
-    variants = {k: m.to(DTYPES[dtype]) for k, m in build_variants(d, ffn, experts, top_k).items()}
-    x = torch.randn(1, tokens, d, dtype=DTYPES[dtype])
-    grad = torch.randn(1, tokens, d, dtype=DTYPES[dtype])
+    variants = {k: m.to(device, DTYPES[dtype]) for k, m in build_variants(d, ffn, experts, top_k).items()}
+    x = torch.randn(1, tokens, d, dtype=DTYPES[dtype], device=device)
+    grad = torch.randn(1, tokens, d, dtype=DTYPES[dtype], device=device)
     earlier = set(chosen_kernels())  # the kernel classes of shapes measured before
     variants = {k: m for k, m in variants.items() if runs_here(k, m, x, top_k)}
 
@@ -129,7 +139,7 @@ def bench_shape(name: str, repeats: int, warmup: int, dtype: str = "float32") ->
         module(xg).backward(grad)
         module.zero_grad(set_to_none=True)
 
-    inner = max(1, round(20 / max(timed(lambda: fwd(variants["dense"]), 3), 1e-3)))  # >= ~20 ms a sample
+    inner = max(1, round(20 / max(timed(lambda: fwd(variants["dense"]), 3, device), 1e-3)))  # >= ~20 ms a sample
     for _ in range(TRIAL_CALLS + 1):  # each of vlmoe's two kernel classes (forward, forward+backward)
         fwd(variants["vlmoe"])
         fwd_bwd(variants["vlmoe"])
@@ -140,8 +150,8 @@ def bench_shape(name: str, repeats: int, warmup: int, dtype: str = "float32") ->
     times = {k: {"fwd": [], "fwd_bwd": []} for k in variants}
     for _ in range(repeats):  # rotation: every variant once per round
         for key, module in variants.items():
-            times[key]["fwd"].append(timed(lambda: fwd(module), inner))
-            times[key]["fwd_bwd"].append(timed(lambda: fwd_bwd(module), inner))
+            times[key]["fwd"].append(timed(lambda: fwd(module), inner, device))
+            times[key]["fwd_bwd"].append(timed(lambda: fwd_bwd(module), inner, device))
     med = {k: {p: statistics.median(v) for p, v in t.items()} for k, t in times.items()}
     kernels = {key: kernel for key, kernel in chosen_kernels().items() if key not in earlier}
     return [
@@ -150,6 +160,8 @@ def bench_shape(name: str, repeats: int, warmup: int, dtype: str = "float32") ->
             "fwd_ms": round(m["fwd"], 4), "fwd_bwd_ms": round(m["fwd_bwd"], 4),
             "fwd_vs_dense": round(m["fwd"] / med["dense"]["fwd"], 3),
             "fwd_bwd_vs_dense": round(m["fwd_bwd"] / med["dense"]["fwd_bwd"], 3),
+            "fwd_tflops": round(active_tflop(name) / (m["fwd"] / 1e3), 4),
+            "fwd_bwd_tflops": round(3 * active_tflop(name) / (m["fwd_bwd"] / 1e3), 4),
             **({"cpu_kernels": kernels} if key == "vlmoe" and kernels else {}),
         }
         for key, m in med.items()
@@ -186,12 +198,17 @@ def _summary(records: list[dict]) -> dict:
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
-    """This process's records: every shape and dtype under the allocator it started with."""
+    """This process's records: every shape and dtype under the allocator it started with (on a GPU,
+    the device's name in place of the allocator setting)."""
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     machine = describe(args.threads)
+    if device.type == "cuda":
+        machine |= {"allocator": device.type, "device": torch.cuda.get_device_name(device)}
     return [
         {**r, **machine}
-        for dtype in args.dtype for name in args.shapes for r in bench_shape(name, args.repeats, args.warmup, dtype)
+        for dtype in args.dtype for name in args.shapes
+        for r in bench_shape(name, args.repeats, args.warmup, dtype, args.device)
     ]
 
 
@@ -237,6 +254,7 @@ def markdown_table(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: one process, no allocator settings")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=list(DTYPES))
     parser.add_argument("--allocator", nargs="+", default=available_allocators(), choices=list(ALLOCATORS),
@@ -252,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.markdown:
         print(markdown_table(json.loads(Path(args.markdown).read_text())))
         return
-    if args.in_process:
+    if args.in_process or args.device != "cpu":
         records = measure(args)
     else:
         child_argv = ["--shapes", *args.shapes, "--dtype", *args.dtype, "--repeats", str(args.repeats),

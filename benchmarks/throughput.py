@@ -63,7 +63,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.machine import ALLOCATORS, available_allocators, describe, run_per_allocator  # noqa: E402
+from benchmarks.machine import ALLOCATORS, available_allocators, clock, describe, run_per_allocator  # noqa: E402
 from data_scripts.make_shapes import draw_scene, make_captions, make_questions, sample_scene  # noqa: E402
 from vlmoe import build_model, train_tokenizer  # noqa: E402
 from vlmoe.model.towers import decoder_layers  # noqa: E402
@@ -99,13 +99,6 @@ def training_batch(processor, samples: list[tuple], device: torch.device) -> dic
     targets = [c for _, c, _, _ in samples[:half]] + [a for _, _, _, a in samples[half:]]
     batch = processor.training_batch([image for image, *_ in samples], prompts, targets)
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def clock(device: torch.device) -> float:
-    """Seconds, after the device's queued work is done."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def timed(fn, device: torch.device) -> float:
