@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -21,8 +22,10 @@ from omegaconf import OmegaConf
 import train
 from vlmoe import build_model, train_tokenizer
 from vlmoe.training import load_config
-from vlmoe.training.checkpoint import complete_checkpoints, latest_checkpoint, save_checkpoint
-from vlmoe.training.optim import build_optimizer
+from vlmoe.training.config import SourceConfig
+from vlmoe.training.checkpoint import TRAINER_STATE, complete_checkpoints, latest_checkpoint, save_checkpoint
+from vlmoe.training.optim import build_optimizer, build_scheduler
+from vlmoe.training.trainer import start_checkpoint, val_tags
 
 from test_moe import fake_trial_times
 
@@ -50,6 +53,23 @@ def losses(run_dir: str) -> dict[int, float]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def logged_lrs(run_dir: str) -> list[float]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r["lr"] for r in map(json.loads, f) if "lr" in r]
+
+
+def schedule(config) -> list[float]:
+    """The learning rate after each step, from the schedule alone (one parameter group)."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.optim.lr)
+    scheduler = build_scheduler(optimizer, config.optim, config.train.steps)
+    lrs = []
+    for _ in range(config.train.steps):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    return lrs
 
 
 def run_script(args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
@@ -236,6 +256,9 @@ def test_two_processes_match_one_process(shapes, tmp_path):
     assert double.wait(timeout=300) == 0, double.stderr.read()[-3000:]
     one, two = losses(str(tmp_path / "single")), losses(str(tmp_path / "double"))
     assert set(one) == set(two) == set(range(1, 7))
+    # one schedule step per optimizer step, whatever the processes (TINY_MODEL: 2 warmup steps)
+    expected = schedule(load_config(os.path.join(ROOT, "configs/tiny.yaml"), overrides(shapes, str(tmp_path), "schedule", *steps)))
+    assert logged_lrs(str(tmp_path / "single")) == logged_lrs(str(tmp_path / "double")) == pytest.approx(expected)
     for name in ("single", "double"):
         with open(tmp_path / name / "checkpoints" / "step_00000006" / "trainer_state.json") as f:
             assert json.load(f)["samples_seen"] == 6 * 8, name
@@ -340,11 +363,28 @@ def test_fsdp2_sharding_matches_unsharded_model(tmp_path):
         ("data.caption_target=first", "data.caption_target='first' is not one of ['canonical', 'random']"),
         ("model.image_position_ids=rows", "image_position_ids='rows' is not one of ['sequential', 'shared']"),
         ("train.torch_compile=true train.torch_compile_backend=inducter", "train.torch_compile_backend='inducter'"),
+        ("data.num_workers=-1", "data.num_workers must be >= 0"),
+        ("data.shuffle_buffer=0", "data.shuffle_buffer must be >= 1"),
+        ("train.eval_samples=0", "train.eval_samples must be >= 1"),  # validation would log 0.0 losses
     ],
 )
 def test_bad_config_names_the_key(override, match):
     with pytest.raises(ValueError, match=re.escape(match)):
         load_config(os.path.join(ROOT, "configs/tiny.yaml"), override.split())
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("data.val=[{pattern: x, task: vqa2}]", "data.val[0]: DataSource.task='vqa2'"),
+        ("data.val=[{pattern: x, task: vqa, weight: 0}]", "data.val[0]: DataSource.weight=0.0"),
+        ("data.train=[{pattern: x, task: caption, conversations: true}]", "data.train[0]: DataSource.conversations"),
+    ],
+)
+def test_bad_source_fields_name_the_source_at_load(override, match):
+    """A validation source is first read at the first validation, hours in: its fields are checked at load."""
+    with pytest.raises(ValueError, match=re.escape(match)):
+        load_config(os.path.join(ROOT, "configs/tiny.yaml"), [override])
 
 
 def test_split_batches_gives_each_process_its_share_or_names_the_key():
@@ -482,14 +522,20 @@ def damaged_caption_shard(folder) -> str:
 
 def test_training_logs_skipped_samples_by_reason(tmp_path):
     """Step 1's batch (k4-k7) comes after 3 bad samples; step 2's after the truncation (k8 being
-    read, k9 and k10 lost) and the next pass's 3 bad samples."""
+    read, k9 and k10 lost) and the next pass's 3 bad samples. Validation on the same shard skips
+    all 6 and says so; a validation source of empty shards gives NaN, not 0."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     pattern = damaged_caption_shard(tmp_path / "shards")
+    val = f"data.val=[{{pattern: '{pattern}', task: caption}}, {{pattern: '{empty_shards(tmp_path / 'empty')}', task: vqa}}]"
     args = ["--config", os.path.join(ROOT, "configs/tiny.yaml"), *TINY_MODEL,
-            f"data.train=[{{pattern: '{pattern}', task: caption}}]", "data.val=[]", "data.shuffle_buffer=1",
-            f"train.output_dir={tmp_path}", "train.name=skips", "train.steps=2", "train.checkpoint_every=1"]
-    train.main(args)
+            f"data.train=[{{pattern: '{pattern}', task: caption}}]", val, "data.shuffle_buffer=1",
+            f"train.output_dir={tmp_path}", "train.name=skips", "train.steps=2", "train.checkpoint_every=1",
+            "train.eval_every=2"]
+    history = train.main(args)
+    assert history["val/caption_num_skipped"] == 6 and history["val/caption_loss"] > 0
+    assert history["val/vqa_num_skipped"] == 0
+    assert math.isnan(history["val/vqa_loss"]) and math.isnan(history["val/vqa_exact_match"])
     run_dir = tmp_path / "skips"
 
     def counts():
@@ -578,6 +624,71 @@ def test_interrupted_checkpoint_write_keeps_the_last_complete_one(tmp_path):
     save_checkpoint(_Accelerator(), run, 15, {"step": 15}, keep=2)
     assert [os.path.basename(p) for p in complete_checkpoints(run)] == ["step_00000005", "step_00000015"]
     assert not any(n.startswith(".partial") for n in os.listdir(os.path.join(run, "checkpoints")))
+
+
+def test_logged_lr_is_the_schedules_whatever_the_groups_multipliers(shapes, tmp_path):
+    # the decoder's no-decay group sorts first among the optimizer's groups
+    args = overrides(shapes, str(tmp_path), "mult", "train.steps=3", "optim.lr_mult.decoder=0.1")
+    train.main(["--config", os.path.join(ROOT, "configs/tiny.yaml"), *args])
+    expected = schedule(load_config(os.path.join(ROOT, "configs/tiny.yaml"), args))
+    assert logged_lrs(str(tmp_path / "mult")) == pytest.approx(expected)
+
+
+class _RankAccelerator(_Accelerator):
+    """Records when a checkpoint is marked complete against the barriers around save_state."""
+
+    def __init__(self, run: str):
+        self.run, self.events = run, []
+
+    def wait_for_everyone(self):
+        marked = any(TRAINER_STATE in files for _, _, files in os.walk(self.run))
+        self.events.append("barrier, marked" if marked else "barrier")
+
+    def save_state(self, path):
+        super().save_state(path)
+        self.events.append("saved")
+
+
+def test_a_checkpoint_is_marked_complete_only_after_every_process_saved(tmp_path):
+    """Each process writes its own RNG state in save_state: the main process marks the folder
+    complete (trainer_state.json, then the rename) only after a barrier."""
+    accelerator = _RankAccelerator(str(tmp_path))
+    save_checkpoint(accelerator, str(tmp_path), 3, {"step": 3}, keep=2)
+    assert accelerator.events[accelerator.events.index("saved") + 1] == "barrier"
+
+
+def test_resuming_an_older_checkpoint_than_the_folders_latest_is_refused(tmp_path):
+    """The later checkpoints would stay the folder's latest (--resume auto) and outlive the resumed
+    run's own when old ones are pruned: refused, naming them, before anything is written."""
+    run = str(tmp_path)
+    for step in (4, 6, 8):
+        save_checkpoint(_Accelerator(), run, step, {"step": step}, keep=3)
+    older, latest = complete_checkpoints(run)[0], complete_checkpoints(run)[-1]
+    with pytest.raises(ValueError, match=re.escape("later checkpoints (step_00000006, step_00000008)") + ".*--resume auto"):
+        start_checkpoint(run, older, overwrite=False)
+    assert start_checkpoint(run, latest, overwrite=False) == start_checkpoint(run, "auto", overwrite=False) == latest
+
+
+def test_validation_sources_of_one_task_log_apart():
+    sources = [SourceConfig("a", "caption"), SourceConfig("b", "vqa"), SourceConfig("c", "caption")]
+    assert val_tags(sources) == ["val/caption0", "val/vqa", "val/caption1"]
+    assert val_tags(sources[:2]) == ["val/caption", "val/vqa"]
+
+
+def test_resuming_with_other_training_sources_is_refused(shapes, tmp_path):
+    """The checkpoint's data positions are places in the run's own sources' streams: with a source
+    more (a saved cursor too few) or another order, resuming is refused before anything is written."""
+    train_in_process(shapes, str(tmp_path), "run", "train.steps=2", "train.checkpoint_every=2")
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    extra = f"{{pattern: '{shapes}/vqa/val-*.tar', task: vqa}}"
+    swapped = (f"data.train=[{{pattern: '{shapes}/vqa/train-*.tar', task: vqa, weight: 2.0}}, "
+               f"{{pattern: '{shapes}/caption/train-*.tar', task: caption}}]")
+    more = (f"data.train=[{{pattern: '{shapes}/caption/train-*.tar', task: caption}}, "
+            f"{{pattern: '{shapes}/vqa/train-*.tar', task: vqa, weight: 2.0}}, {extra}]")
+    for other in (swapped, more):
+        with pytest.raises(ValueError, match=re.escape("data.train differs from the run's")):
+            train_in_process(shapes, str(tmp_path), "run", "train.steps=4", other, "--resume", "auto")
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
 
 
 def test_nonfinite_losses_skip_steps_then_stop(shapes, tmp_path, monkeypatch):

@@ -45,6 +45,12 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return found[-1] if found else None
 
 
+def checkpoint_step(path: str) -> int:
+    """The training step a complete checkpoint was saved at."""
+    with open(os.path.join(path, TRAINER_STATE)) as f:
+        return json.load(f)["step"]
+
+
 def save_checkpoint(accelerator: Accelerator, run_dir: str, step: int, trainer_state: dict, keep: int) -> str:
     """Save atomically; every process calls it (Accelerate writes from the main process)."""
     root = checkpoint_root(run_dir)
@@ -55,6 +61,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str, step: int, trainer_s
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(partial)
+    accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is complete
     if accelerator.is_main_process:
         with open(os.path.join(partial, TRAINER_STATE), "w") as f:
             json.dump(trainer_state, f)

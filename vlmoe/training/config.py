@@ -143,9 +143,17 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.caption_target not in CAPTION_TARGETS:
             raise ValueError(f"data.caption_target={self.caption_target!r} is not one of {list(CAPTION_TARGETS)}")
-        for name in ("batch_size", "eval_batch_size"):
+        for name in ("batch_size", "eval_batch_size", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0 (0: load in the main process), got {self.num_workers}")
+        for split in ("train", "val"):  # a validation source's typo would otherwise surface at the first validation
+            for i, source in enumerate(getattr(self, split)):
+                try:
+                    source.to_source()
+                except ValueError as err:
+                    raise ValueError(f"data.{split}[{i}]: {err}") from None
 
     def batch_size_per_process(self, num_processes: int) -> int:
         if not self.split_batches:
@@ -254,7 +262,7 @@ class TrainConfig:
             raise ValueError(f"train.loss_average={self.loss_average!r} is not one of {list(LOSS_AVERAGES)}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"train.mixed_precision={self.mixed_precision!r} is not one of {list(MIXED_PRECISION)}")
-        for name in ("steps", "grad_accum", "log_every", "stats_every", "keep_checkpoints"):
+        for name in ("steps", "grad_accum", "log_every", "stats_every", "keep_checkpoints", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "checkpoint_every"):  # 0 = never

@@ -60,7 +60,8 @@ from ..model.upcycle import max_logit_difference
 from ..moe.experts import chosen_forms, restore_forms
 from ..processing import VLMoEProcessor, build_model, load_run, train_tokenizer
 from ..tasks import GenerationCollate, TrainingCollate, generate_from_batch
-from .checkpoint import TRAINER_STATE, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import TRAINER_STATE, checkpoint_root, checkpoint_step, complete_checkpoints, latest_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import LOSS_AVERAGES, Config, ModelConfig, TrainConfig, config_to_yaml
 from .launch import check_launch
 from .optim import build_optimizer, build_scheduler
@@ -86,6 +87,7 @@ class TrainerState:
     data_positions: list[dict[str, Any]] | None = None  # per process: its training stream's position
     skipped: dict[str, int] = field(default_factory=dict)  # training samples skipped before, per reason
     expert_forms: list[dict[str, str]] | None = None  # per process: its autotuned expert matmul forms and CPU kernels
+    train_sources: list[dict[str, Any]] | None = None  # data.train, whose streams the data positions are places in
 
 
 def start_checkpoint(run_dir: str, resume: str | None, overwrite: bool) -> str | None:
@@ -107,7 +109,35 @@ def start_checkpoint(run_dir: str, resume: str | None, overwrite: bool) -> str |
                          "(checkpoints/step_N); start the run afresh with train.overwrite=true")
     if not os.path.isfile(os.path.join(path, TRAINER_STATE)):
         raise ValueError(f"--resume {path}: not a complete checkpoint (no {TRAINER_STATE} in it)")
+    newer = [p for p in complete_checkpoints(run_dir) if checkpoint_step(p) > checkpoint_step(path)]
+    if newer:  # they would stay the folder's latest (--resume auto) and outlive this run's own in pruning
+        names = ", ".join(os.path.basename(p) for p in newer)
+        raise ValueError(f"--resume {path}: the run folder holds later checkpoints ({names}) of the run this one "
+                         f"replaces: move them out of {checkpoint_root(run_dir)} first, or continue from the latest "
+                         "with --resume auto")
     return path
+
+
+def train_sources(config: Config) -> list[dict[str, Any]]:
+    return [asdict(source) for source in config.data.train]
+
+
+def check_resumed_sources(checkpoint: str | None, config: Config) -> None:
+    """A resumed run reads the training sources its checkpoint's data positions are places in."""
+    if checkpoint is None:
+        return
+    with open(os.path.join(checkpoint, TRAINER_STATE)) as f:
+        saved = json.load(f).get("train_sources")  # absent from checkpoints of older vlmoe
+    if saved is not None and saved != train_sources(config):
+        raise ValueError(f"--resume {checkpoint}: data.train differs from the run's ({saved}); resume with the run's "
+                         "own data.train, or train on other data in a new run (model.init_from=<run>/final)")
+
+
+def val_tags(sources: Sequence[Any]) -> list[str]:
+    """``val/TASK`` per validation source; ``val/TASK0``, ``val/TASK1``, ... where sources share a task."""
+    tasks = [source.task for source in sources]
+    return [f"val/{task}" if tasks.count(task) == 1 else f"val/{task}{tasks[:i].count(task)}"
+            for i, task in enumerate(tasks)]
 
 
 def run_tokenizer(config: Config, accelerator: Accelerator, run_dir: str):
@@ -228,6 +258,7 @@ class Trainer:
         self.run_dir = train.run_dir
         check_data_patterns(config)
         checkpoint = start_checkpoint(self.run_dir, resume, train.overwrite)
+        check_resumed_sources(checkpoint, config)
         moe_loop = config.model.moe.implementation == "loop"  # the loop leaves unrouted experts without grads
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         compile_with = compile_options(train, deepspeed)  # checked before anything is written
@@ -236,6 +267,9 @@ class Trainer:
             cpu=not torch.cuda.is_available() and not deepspeed,
             mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.grad_accum,
             log_with="tensorboard", project_dir=self.run_dir,
+            # one schedule step per optimizer step, whatever the processes (Accelerate's default steps
+            # it once per process, for a global batch that grows with them; data.batch_size decides here)
+            step_scheduler_with_optimizer=False,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=moe_loop)],
             **({} if deepspeed else {"dynamo_backend": "no"}),  # compiled below (compile_options)
         )
@@ -347,6 +381,11 @@ class Trainer:
                                          collate.fit, position=positions[acc.process_index] if positions else None)
         return iter(self.train_loader)
 
+    def scheduled_lr(self) -> float:
+        """``optim.lr`` where the schedule stands now, without any group's ``lr_mult``."""
+        schedule = self.scheduler.scheduler  # the LambdaLR inside Accelerate's wrapper
+        return self.config.optim.lr * schedule.lr_lambdas[0](schedule.last_epoch)
+
     def _skipped(self) -> dict[str, int]:
         """Training samples the pipeline skipped so far, per reason, over every process (each
         loader sums its workers' counts), before the resume included."""
@@ -358,7 +397,8 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         """Every process calls it: the data positions, skip counts and expert matmul forms are gathered first."""
         state = {**vars(self.state), "data_positions": gather_object([self.train_loader.position]),
-                 "skipped": self._skipped(), "expert_forms": gather_object([chosen_forms()])}
+                 "skipped": self._skipped(), "expert_forms": gather_object([chosen_forms()]),
+                 "train_sources": train_sources(self.config)}
         cfg = self.config.train
         save_checkpoint(self.accelerator, self.run_dir, self.state.step, state, cfg.keep_checkpoints)
 
@@ -391,7 +431,7 @@ class Trainer:
             step = self.state.step
             if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = time.perf_counter() - window_start
-                record = {**losses, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": window_samples / elapsed,
+                record = {**losses, "lr": self.scheduled_lr(), "samples_per_s": window_samples / elapsed,
                           "world_size": acc.num_processes,
                           **{f"num_skipped/{reason}": n for reason, n in self._skipped().items()}}
                 if step % cfg.stats_every == 0 and routing:
@@ -471,24 +511,27 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Validation loss per task, and generation-based exact match on the VQA subset."""
+        """Validation loss per task, the samples skipped in reading it, and generation-based exact
+        match on the VQA subset; NaN where nothing could be read."""
         acc, cfg, data = self.accelerator, self.config.train, self.config.data
         model = self.unwrapped
         model.eval()
         results = {}
         limit = math.ceil(cfg.eval_samples / (data.eval_batch_size * acc.num_processes))
-        for source in data.val:
-            tag = f"val/{source.task}"
-            loss_sum = torch.zeros(2, device=acc.device)
+        for tag, source in zip(val_tags(data.val), data.val):
+            sums = torch.zeros(3, device=acc.device, dtype=torch.float64)  # loss x tokens, tokens, samples skipped
             collate = TrainingCollate(self.processor)
-            for batch in islice(iter(self._loader([source], False, data.eval_batch_size, collate, collate.fit)), limit):
+            loader = self._loader([source], False, data.eval_batch_size, collate, collate.fit)
+            for batch in islice(iter(loader), limit):
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 with acc.autocast():
                     out = model(**batch)
                 tokens = (batch["labels"][:, 1:] != -100).sum()
-                loss_sum += torch.stack([out.lm_loss.float() * tokens, tokens.float()])
-            loss_sum = acc.reduce(loss_sum, reduction="sum")
-            results[f"{tag}_loss"] = (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
+                sums[:2] += torch.stack([out.lm_loss.double() * tokens, tokens.double()])
+            sums[2] = loader.stats.num_skipped
+            sums = acc.reduce(sums, reduction="sum")
+            results[f"{tag}_loss"] = (sums[0] / sums[1]).item() if sums[1] > 0 else math.nan
+            results[f"{tag}_num_skipped"] = int(sums[2])
             if source.task == "vqa":
                 results[f"{tag}_exact_match"] = self._exact_match(source, limit)
         return results
@@ -504,7 +547,7 @@ class Trainer:
                 )
             scores += [vqa_exact_match(a, s.answers) for a, s in zip(answers, samples)]
         counts = acc.reduce(torch.tensor([sum(scores), len(scores)], device=acc.device, dtype=torch.float64), "sum")
-        return (counts[0] / counts[1].clamp(min=1)).item()
+        return (counts[0] / counts[1]).item() if counts[1] > 0 else math.nan
 
     # --- outputs -------------------------------------------------------------------------
 
